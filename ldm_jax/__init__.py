@@ -1,0 +1,1 @@
+"""ldm_jax: latent diffusion models in JAX/Flax."""

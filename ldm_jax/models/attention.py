@@ -1,0 +1,183 @@
+"""Attention and transformer blocks, as diffusers' `Attention` and `Transformer2DModel`.
+
+Heads are always given as a number of heads (`num_heads`); the width of a head is
+`channels // num_heads`, where `channels` is the width of the query input.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.models.layers import (
+    ATTENTION_OUT_KERNEL_AXES,
+    ATTENTION_QKV_KERNEL_AXES,
+    DENSE_IN_KERNEL_AXES,
+    DENSE_OUT_KERNEL_AXES,
+    conv,
+    dense,
+    group_norm,
+    layer_norm,
+)
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """`softmax(q k^T / sqrt(head_dim)) v`, the one place every model attends.
+
+    Goes through `jax.nn.dot_product_attention`, which computes the logits and softmax in
+    float32 and can dispatch to fused TPU/GPU kernels.
+
+    Args:
+      query: `(B, T, heads, head_dim)`.
+      key: `(B, S, heads, head_dim)`.
+      value: `(B, S, heads, head_dim)`.
+
+    Returns:
+      `(B, T, heads, head_dim)`.
+    """
+    return jax.nn.dot_product_attention(query, key, value)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with projections `to_q`, `to_k`, `to_v` and `to_out_0`.
+
+    Queries come from `x`, keys and values from `context` (cross-attention) or from `x`
+    itself when `context` is None. With `norm_num_groups` set, this is the autoencoder's
+    mid-block attention: `x + attention(group_norm(x))`, the norm named `group_norm`.
+    """
+
+    num_heads: int
+    use_qkv_bias: bool = False
+    norm_num_groups: int | None = None
+    norm_eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """Attends from `x` `(B, T, C)` to `context` `(B, S, D)`; returns `(B, T, C)`."""
+        batch, length, channels = x.shape
+        if channels % self.num_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must divide the attention width {channels}."
+            )
+        kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        residual = x
+        if self.norm_num_groups is not None:
+            x = group_norm(self.norm_num_groups, self.norm_eps, name="group_norm", **kwargs)(x)
+        context = x if context is None else context
+
+        def heads(projection_name: str, inputs: jax.Array) -> jax.Array:
+            projected = dense(
+                channels,
+                ATTENTION_QKV_KERNEL_AXES,
+                use_bias=self.use_qkv_bias,
+                name=projection_name,
+                **kwargs,
+            )(inputs)
+            return projected.reshape(*inputs.shape[:2], self.num_heads, -1)
+
+        attended = dot_product_attention(
+            heads("to_q", x), heads("to_k", context), heads("to_v", context)
+        )
+        out = dense(channels, ATTENTION_OUT_KERNEL_AXES, name="to_out_0", **kwargs)(
+            attended.reshape(batch, length, channels)
+        )
+        return out if self.norm_num_groups is None else out + residual
+
+
+class GEGLU(nn.Module):
+    """`hidden * gelu(gate)` with `(hidden, gate)` the two halves of `proj(x)`; exact gelu."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        projected = dense(
+            2 * self.features,
+            DENSE_IN_KERNEL_AXES,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="proj",
+        )(x)
+        hidden, gate = jnp.split(projected, 2, axis=-1)
+        return hidden * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers' GEGLU `FeedForward`: `net_2(net_0(x))`, hidden width `mult * width`."""
+
+    mult: int = 4
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        width = x.shape[-1]
+        hidden = GEGLU(self.mult * width, name="net_0", **kwargs)(x)
+        return dense(width, DENSE_OUT_KERNEL_AXES, name="net_2", **kwargs)(hidden)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm block: self-attention `attn1`, cross-attention `attn2`, GEGLU `ff`.
+
+    Each of the three is residual and preceded by its LayerNorm (`norm1`, `norm2`, `norm3`,
+    eps 1e-5). Without a context, `attn2` attends to the block's own (normed) tokens.
+    """
+
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = x + Attention(self.num_heads, name="attn1", **kwargs)(
+            layer_norm(name="norm1", **kwargs)(x)
+        )
+        x = x + Attention(self.num_heads, name="attn2", **kwargs)(
+            layer_norm(name="norm2", **kwargs)(x), context
+        )
+        return x + FeedForward(name="ff", **kwargs)(layer_norm(name="norm3", **kwargs)(x))
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers' `Transformer2DModel` on images: tokens are pixels, residual around all.
+
+    `x + proj_out(blocks(proj_in(norm(x))))`, with `norm` a GroupNorm (eps 1e-6) and
+    `proj_in`/`proj_out` 1x1 convolutions (Stable Diffusion 1) or dense layers
+    (`use_linear_projection`, Stable Diffusion 2). The blocks are `transformer_blocks_{k}`.
+    """
+
+    num_heads: int
+    depth: int = 1
+    use_linear_projection: bool = False
+    norm_num_groups: int = 32
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """Maps `(B, H, W, C)` features, attending to `context` `(B, S, D)`, to the same."""
+        kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        batch, height, width, channels = x.shape
+        tokens = group_norm(self.norm_num_groups, 1e-6, name="norm", **kwargs)(x)
+        if self.use_linear_projection:
+            tokens = tokens.reshape(batch, height * width, channels)
+            tokens = dense(channels, DENSE_IN_KERNEL_AXES, name="proj_in", **kwargs)(tokens)
+        else:
+            tokens = conv(channels, 1, name="proj_in", **kwargs)(tokens)
+            tokens = tokens.reshape(batch, height * width, channels)
+        for k in range(self.depth):
+            tokens = BasicTransformerBlock(
+                self.num_heads, name=f"transformer_blocks_{k}", **kwargs
+            )(tokens, context)
+        if self.use_linear_projection:
+            tokens = dense(channels, DENSE_OUT_KERNEL_AXES, name="proj_out", **kwargs)(tokens)
+            out = tokens.reshape(batch, height, width, channels)
+        else:
+            out = tokens.reshape(batch, height, width, channels)
+            out = conv(channels, 1, name="proj_out", **kwargs)(out)
+        return x + out

@@ -1,13 +1,25 @@
+import functools
+
 import numpy as np
 import pytest
+from PIL import Image, ImageFilter
 
 from ldm_jax.data import shapes, shapes_analyzer
 
 
+@functools.cache
 def _dataset_batch(split: str, image_size: int, count: int) -> tuple[np.ndarray, list[int]]:
     source = shapes.ShapesSource(split, image_size=image_size)
     records = [source[index] for index in range(count)]
     return np.stack([r["image"] for r in records]), [int(r["label"]) for r in records]
+
+
+def _blur_like_an_autoencoder(images: np.ndarray, sigma: float, noise_std: float) -> np.ndarray:
+    """Gaussian-blurs each image by ``sigma`` pixels and adds Gaussian noise."""
+    blur = ImageFilter.GaussianBlur(sigma)
+    blurred = np.stack([np.asarray(Image.fromarray(image).filter(blur)) for image in images])
+    noise = np.random.default_rng(0).normal(0, noise_std, images.shape)
+    return np.clip(np.rint(blurred + noise), 0, 255).astype(np.uint8)
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
@@ -18,6 +30,34 @@ def test_reads_dataset_images_right(image_size):
         metrics = shapes_analyzer.score(images, labels)
         assert metrics["shape_accuracy"] >= 0.98, (split, metrics)
         assert metrics["colour_accuracy"] >= 0.98, (split, metrics)
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+@pytest.mark.parametrize(("blur_sigma", "min_shape_accuracy"), [(1.0, 0.95), (1.5, 0.90)])
+def test_reads_blurred_images_like_autoencoder_reconstructions(
+    image_size, blur_sigma, min_shape_accuracy
+):
+    images, labels = _dataset_batch("validation", image_size, 600)
+    # The blur is given in pixels of a 32-pixel image, so it hides the same detail at 64.
+    blurred = _blur_like_an_autoencoder(images, blur_sigma * image_size / 32, noise_std=6)
+    metrics = shapes_analyzer.score(blurred, labels)
+    for shape in shapes.SHAPES:
+        assert metrics[f"shape_accuracy/{shape}"] >= min_shape_accuracy, metrics
+    assert metrics["colour_accuracy"] >= 0.98, metrics
+
+
+def test_diagnostics_match_the_shapes_geometry():
+    images, labels = _dataset_batch("validation", 64, 60)
+    readings = shapes_analyzer.analyze_batch(images)
+    expected_shapes = np.array([shapes.describe_label(label)[0] for label in labels])
+    skewness = np.array([r.rows_skewness for r in readings])
+    cumulant_ratio = np.array([r.diagonal_cumulant_ratio for r in readings])
+    # An upright triangle's rows are skewed towards its base; circles and squares are level.
+    np.testing.assert_allclose(skewness[expected_shapes == "triangle"], -0.566, atol=0.03)
+    np.testing.assert_allclose(skewness[expected_shapes != "triangle"], 0, atol=0.03)
+    # A square's fourth cumulant along its diagonals is half that along its sides.
+    np.testing.assert_allclose(cumulant_ratio[expected_shapes == "square"], 0.5, atol=0.03)
+    np.testing.assert_allclose(cumulant_ratio[expected_shapes == "circle"], 1, atol=0.03)
 
 
 def test_reads_large_and_noisy_images():
@@ -42,6 +82,22 @@ def test_reads_large_and_noisy_images():
 def test_images_without_a_shape_read_as_none(image):
     reading = shapes_analyzer.analyze(image)
     assert (reading.shape, reading.colour) == ("none", "none")
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_uniform_noise_reads_as_none(image_size):
+    noise = np.random.default_rng(1).integers(0, 256, (40, image_size, image_size, 3))
+    readings = shapes_analyzer.analyze_batch(noise.astype(np.uint8))
+    assert {(r.shape, r.colour) for r in readings} == {("none", "none")}
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (2, 3), (5, 300), (300, 7)])
+def test_reads_images_of_any_size_without_failing(height, width):
+    image = np.full((height, width, 3), 120, np.uint8)
+    image[height // 4 : height // 2 + 1, width // 4 : width // 2 + 1] = shapes.COLOURS["red"]
+    reading = shapes_analyzer.analyze(image)
+    assert reading.shape in (*shapes.SHAPES, "none")
+    assert reading.colour in ("red", "none")
 
 
 def test_score_reports_overall_and_per_class_accuracy():

@@ -44,6 +44,11 @@ class DiagonalGaussian:
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return cls(mean=mean, logvar=jnp.clip(logvar, -30.0, 20.0))
 
+    @classmethod
+    def from_mean_std(cls, mean: jax.Array, std: jax.Array) -> "DiagonalGaussian":
+        """The posterior from stored means and standard deviations (a latent cache)."""
+        return cls(mean=mean, logvar=jnp.clip(2.0 * jnp.log(std), -30.0, 20.0))
+
     @property
     def std(self) -> jax.Array:
         return jnp.exp(0.5 * self.logvar)

@@ -1,0 +1,75 @@
+"""Orbax checkpoints of one training stage: train state, data iterator and config, together.
+
+Saves are asynchronous (training goes on while the host writes) and atomic: a checkpoint
+directory appears under its final name only once complete, so a crash mid-save leaves the
+previous checkpoint as the newest. Restoring takes an abstract state whose leaves carry the
+target shardings, so a run saved on one mesh resumes on another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+_STATE, _DATA, _CONFIG = "state", "data_iterator", "config"
+
+
+class Checkpointer:
+    """A stage's checkpoint directory: ``save`` every N steps, ``restore`` the newest."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_checkpointing: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_checkpointing
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(
+        self, step: int, state: Any, data_iterator: Any = None, config: dict | None = None
+    ) -> None:
+        """Starts saving ``state`` (and the iterator position and config) as ``step``."""
+        items = {_STATE: ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            items[_CONFIG] = ocp.args.JsonSave(config)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(
+        self, abstract_state: Any, data_iterator: Any = None, step: int | None = None
+    ) -> Any:
+        """Restores the state onto the shardings of ``abstract_state``.
+
+        When ``data_iterator`` is given its position is restored in place too, so the run sees
+        exactly the batches an uninterrupted run would have seen.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items = {_STATE: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        log.info("restored step %d from %s", step, self.directory)
+        return restored[_STATE]
+
+    def wait(self) -> None:
+        """Blocks until every started save is on disk (raises if one failed)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,368 @@
+"""The configuration schema, its one ``validate``, and JSON round trips.
+
+Every run is described by one ``ml_collections.ConfigDict``. ``base_config()`` holds every key
+with its default; ``configs/NAME.py`` changes what it needs. ``validate`` runs once at start-up
+and names the bad key and the allowed values, so a mistake never surfaces inside jax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from ldm_jax.diffusion import PREDICTION_TYPES, SAMPLERS, SCHEDULE_KINDS, TIMESTEP_SPACINGS
+from ldm_jax.parallel import mesh as mesh_lib
+
+STAGES = ("both", "autoencoder", "diffusion")
+SOURCES = ("shapes", "image_folder", "tfds")
+CONDITIONINGS = ("text", "class", "none")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A config value a user has to change; the message names the key and what is allowed."""
+
+
+def _optimizer(steps: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            steps=steps,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            warmup_steps=100,
+            end_learning_rate_fraction=0.1,
+            weight_decay=0.01,
+            b1=0.9,
+            b2=0.999,
+            grad_clip=1.0,
+            ema_decay=0.999,
+        )
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key of the schema with its default value."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.stage = "both"
+    config.dtype = "float32"  # compute dtype; params stay float32
+
+    config.mesh = ml_collections.ConfigDict(
+        dict(data=-1, fsdp=1, tensor=1, axis_rules=mesh_lib.DEFAULT_AXIS_RULES)
+    )
+
+    config.data = ml_collections.ConfigDict(
+        dict(
+            source="shapes",
+            image_size=32,
+            path="",
+            tfds_name="",
+            tfds_data_dir="",
+            train_split="train",
+            eval_split="validation",
+            num_train_examples=50_000,
+            random_crop=False,
+            random_flip=False,
+            worker_count=0,
+            max_caption_length=12,
+            num_classes=0,
+        )
+    )  # class-conditional runs on real data set this; shapes knows its own
+
+    config.autoencoder = ml_collections.ConfigDict(
+        dict(
+            model=dict(
+                block_out_channels=(64, 128, 128),
+                layers_per_block=1,
+                latent_channels=4,
+                norm_num_groups=32,
+                mid_block_attention=True,
+            ),
+            train=_optimizer(steps=2000, batch_size=32, learning_rate=1e-3).to_dict(),
+            kl_weight=1e-6,
+            # The workdir where stage 2 finds the trained autoencoder; empty: this run's.
+            workdir="",
+            latent_scale_batches=8,
+        )
+    )
+
+    config.diffusion = ml_collections.ConfigDict(
+        dict(
+            conditioning="text",
+            cond_drop_prob=0.1,
+            # Encode the training set once at the start of stage 2 and keep the posterior
+            # means and stds in host memory (8 bytes per latent value per image), instead of
+            # running the encoder at every step. For datasets that fit in memory.
+            encode_once=False,
+            schedule="scaled_linear",
+            num_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type="epsilon",
+            min_snr_gamma=0.0,
+            unet=dict(
+                block_out_channels=(64, 128),
+                layers_per_block=2,
+                attention_levels=(True, True),
+                mid_block_attention=True,
+                num_attention_heads=4,
+                transformer_depth=1,
+                norm_num_groups=32,
+                dropout=0.0,
+            ),
+            text_encoder=dict(width=128, num_layers=2, num_heads=4),
+            train=_optimizer(steps=5000, batch_size=64, learning_rate=5e-4).to_dict(),
+        )
+    )
+
+    config.sample = ml_collections.ConfigDict(
+        dict(
+            sampler="ddim",
+            num_steps=50,
+            guidance_scale=4.0,
+            eta=0.0,
+            timestep_spacing="leading",
+            num=16,
+        )
+    )
+
+    config.train = ml_collections.ConfigDict(
+        dict(
+            log_every=50,
+            checkpoint_every=500,
+            max_to_keep=3,
+            sample_every=1000,
+            async_checkpointing=True,
+        )
+    )
+    return config
+
+
+def autoencoder_factor(config: ml_collections.ConfigDict) -> int:
+    """Spatial downsampling factor f of the autoencoder."""
+    return 2 ** (len(config.autoencoder.model.block_out_channels) - 1)
+
+
+def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    size = config.data.image_size // autoencoder_factor(config)
+    return size, size, config.autoencoder.model.latent_channels
+
+
+def _check_choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config.{key}={value!r} is not allowed; choose one of {tuple(allowed)}")
+
+
+def _check_positive(key: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"config.{key}={value!r} must be a positive number")
+
+
+def _check_groups(key: str, channels, groups: int) -> None:
+    for c in channels:
+        if c % groups:
+            raise ConfigError(
+                f"config.{key}.norm_num_groups={groups} must divide every entry of "
+                f"config.{key}.block_out_channels={tuple(channels)}"
+            )
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks every value a run depends on; raises ConfigError naming the key and the fix."""
+    _check_choice("stage", config.stage, STAGES)
+    _check_choice("dtype", config.dtype, DTYPES)
+    data = config.data
+    _check_choice("data.source", data.source, SOURCES)
+    _check_positive("data.image_size", data.image_size)
+    if data.source == "image_folder":
+        if not data.path:
+            raise ConfigError(
+                "config.data.source='image_folder' needs a folder: set --config.data.path"
+            )
+        if not os.path.isdir(data.path):
+            raise ConfigError(
+                f"config.data.path={data.path!r} is not a directory; "
+                "set --config.data.path to a folder of images"
+            )
+    if data.source == "tfds" and not data.tfds_name:
+        raise ConfigError(
+            "config.data.source='tfds' needs a dataset: set --config.data.tfds_name "
+            "(and --config.data.tfds_data_dir)"
+        )
+    if data.worker_count < 0:
+        raise ConfigError(f"config.data.worker_count={data.worker_count} must be >= 0")
+
+    ae = config.autoencoder
+    _check_groups("autoencoder.model", ae.model.block_out_channels, ae.model.norm_num_groups)
+    factor = autoencoder_factor(config)
+    if data.image_size % factor:
+        raise ConfigError(
+            f"config.data.image_size={data.image_size} is not divisible by the autoencoder factor "
+            f"f={factor} (2**(len(config.autoencoder.model.block_out_channels)-1)); choose an "
+            f"image size that is a multiple of {factor}"
+        )
+
+    dm = config.diffusion
+    _check_choice("diffusion.conditioning", dm.conditioning, CONDITIONINGS)
+    _check_choice("diffusion.schedule", dm.schedule, SCHEDULE_KINDS)
+    _check_choice("diffusion.prediction_type", dm.prediction_type, PREDICTION_TYPES)
+    if not 0.0 <= dm.cond_drop_prob < 1.0:
+        raise ConfigError(f"config.diffusion.cond_drop_prob={dm.cond_drop_prob} must be in [0, 1)")
+    if dm.conditioning == "class" and data.source != "shapes" and data.num_classes <= 0:
+        raise ConfigError(
+            "config.diffusion.conditioning='class' needs the number of classes: "
+            "set --config.data.num_classes"
+        )
+    _check_groups("diffusion.unet", dm.unet.block_out_channels, dm.unet.norm_num_groups)
+    if len(dm.unet.attention_levels) != len(dm.unet.block_out_channels):
+        raise ConfigError(
+            "config.diffusion.unet.attention_levels needs one entry per entry of "
+            "config.diffusion.unet.block_out_channels"
+        )
+    latent_size = data.image_size // factor
+    unet_factor = 2 ** (len(dm.unet.block_out_channels) - 1)
+    if latent_size % unet_factor:
+        raise ConfigError(
+            f"latents of size {latent_size} cannot be halved {len(dm.unet.block_out_channels) - 1} "
+            "times by the U-Net: use fewer config.diffusion.unet.block_out_channels or a larger "
+            "config.data.image_size"
+        )
+
+    _check_choice("sample.sampler", config.sample.sampler, SAMPLERS)
+    _check_choice("sample.timestep_spacing", config.sample.timestep_spacing, TIMESTEP_SPACINGS)
+    if not 1 <= config.sample.num_steps <= dm.num_timesteps:
+        raise ConfigError(
+            f"config.sample.num_steps={config.sample.num_steps} must be in "
+            f"[1, config.diffusion.num_timesteps={dm.num_timesteps}]"
+        )
+
+    try:
+        shape = mesh_lib.resolve_mesh_shape(
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices
+        )
+        mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    shards = shape[0] * shape[1]
+    for stage in ("autoencoder", "diffusion"):
+        train = config[stage].train
+        for key in ("steps", "batch_size", "learning_rate"):
+            _check_positive(f"{stage}.train.{key}", train[key])
+        if train.batch_size % shards:
+            raise ConfigError(
+                f"config.{stage}.train.batch_size={train.batch_size} is not divisible by the "
+                f"mesh's data x fsdp = {shards} shards; use a multiple of {shards}"
+            )
+        if not 0.0 <= train.ema_decay < 1.0:
+            raise ConfigError(f"config.{stage}.train.ema_decay={train.ema_decay} must be in [0, 1)")
+    for key in ("log_every", "checkpoint_every", "max_to_keep"):
+        _check_positive(f"train.{key}", config.train[key])
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Inverse of ``to_json``; lists come back as tuples, as the config files write them."""
+    merged = base_config()
+    merged.update(_tuples(json.loads(text)))
+    return merged
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: --workdir must be a directory written by "
+            "`ldm-jax train` (or `ldm-jax import`)"
+        )
+    with open(path, encoding="utf-8") as f:
+        return from_json(f.read())
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders: the one place where config values become module fields.
+# ---------------------------------------------------------------------------------------------
+def compute_dtype(config: ml_collections.ConfigDict):
+    import jax.numpy as jnp
+
+    return jnp.dtype(config.dtype)
+
+
+def build_autoencoder(config: ml_collections.ConfigDict):
+    from ldm_jax.models import AutoencoderKL
+
+    m = config.autoencoder.model
+    return AutoencoderKL(
+        block_out_channels=tuple(m.block_out_channels),
+        layers_per_block=m.layers_per_block,
+        latent_channels=m.latent_channels,
+        norm_num_groups=m.norm_num_groups,
+        mid_block_attention=m.mid_block_attention,
+        dtype=compute_dtype(config),
+    )
+
+
+def build_unet(config: ml_collections.ConfigDict):
+    from ldm_jax.models import UNet
+
+    dm = config.diffusion
+    u = dm.unet
+    channels = config.autoencoder.model.latent_channels
+    return UNet(
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(u.block_out_channels),
+        layers_per_block=u.layers_per_block,
+        attention_levels=tuple(bool(a) for a in u.attention_levels),
+        mid_block_attention=u.mid_block_attention,
+        num_attention_heads=u.num_attention_heads,
+        transformer_depth=u.transformer_depth,
+        context_dim=dm.text_encoder.width if dm.conditioning == "text" else None,
+        num_classes=num_classes(config) if dm.conditioning == "class" else None,
+        norm_num_groups=u.norm_num_groups,
+        dropout=u.dropout,
+        dtype=compute_dtype(config),
+    )
+
+
+def build_text_encoder(config: ml_collections.ConfigDict, vocab_size: int):
+    from ldm_jax.models import TextEncoder
+
+    t = config.diffusion.text_encoder
+    return TextEncoder(
+        vocab_size=vocab_size,
+        max_length=config.data.max_caption_length,
+        width=t.width,
+        num_layers=t.num_layers,
+        num_heads=t.num_heads,
+        dtype=compute_dtype(config),
+    )
+
+
+def build_schedule(config: ml_collections.ConfigDict):
+    from ldm_jax.diffusion import make_schedule
+
+    dm = config.diffusion
+    return make_schedule(dm.schedule, dm.num_timesteps, dm.beta_start, dm.beta_end)
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+    """Number of class labels of the dataset (the shapes dataset knows its own)."""
+    if config.data.source == "shapes":
+        from ldm_jax.data.shapes import NUM_CLASSES
+
+        return NUM_CLASSES
+    return config.data.num_classes

@@ -1,0 +1,399 @@
+"""Stage 2: train the latent U-Net (and the text encoder) on latents of the frozen autoencoder."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from ldm_jax import config as config_lib
+from ldm_jax import diffusion
+from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.data import shapes, transforms
+from ldm_jax.data import tokenizer as tokenizer_lib
+from ldm_jax.data.in_memory import InMemorySource
+from ldm_jax.evaluate.grid import save_grid
+from ldm_jax.generate import Generator, LatentDiffusion, SamplingOptions, pixels_from_uint8
+from ldm_jax.models.autoencoder import DiagonalGaussian
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.parallel import sharding
+from ldm_jax.train import autoencoder as autoencoder_stage
+from ldm_jax.train import data as data_lib
+from ldm_jax.train import state as state_lib
+from ldm_jax.train.loop import jit_train_step, run_steps
+from ldm_jax.train.metrics import MetricsWriter
+from ldm_jax.train.state import TrainState, apply_gradients, create_train_state, make_optimizer
+
+log = logging.getLogger(__name__)
+
+STAGE = "diffusion"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, "checkpoints", STAGE)
+
+
+def autoencoder_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    return config.autoencoder.workdir or workdir
+
+
+def build_model(
+    config: ml_collections.ConfigDict, tokenizer: Any, latent_scale: float
+) -> LatentDiffusion:
+    """The stage-2 model of ``config``; ``tokenizer`` is needed for text conditioning only."""
+    conditioning = config.diffusion.conditioning
+    text_encoder, null_condition = None, np.zeros((), np.int32)
+    if conditioning == "text":
+        text_encoder = config_lib.build_text_encoder(config, tokenizer.get_vocab_size())
+        null_condition = tokenizer_lib.encode(tokenizer, [""], config.data.max_caption_length)[0]
+    elif conditioning == "class":
+        null_condition = np.asarray(config_lib.num_classes(config), np.int32)
+    return LatentDiffusion(
+        unet=config_lib.build_unet(config),
+        autoencoder=config_lib.build_autoencoder(config),
+        text_encoder=text_encoder,
+        schedule=config_lib.build_schedule(config),
+        conditioning=conditioning,
+        null_condition=null_condition,
+        latent_shape=config_lib.latent_shape(config),
+        latent_scale=latent_scale,
+        prediction_type=config.diffusion.prediction_type,
+    )
+
+
+def init_state(
+    key: jax.Array,
+    *,
+    model: LatentDiffusion,
+    optimizer: optax.GradientTransformation,
+    max_caption_length: int,
+) -> TrainState:
+    unet_key, text_key = jax.random.split(key)
+    latents = jnp.zeros((1, *model.latent_shape), jnp.float32)
+    timesteps = jnp.zeros((1,), jnp.int32)
+    params, context, labels = {}, None, None
+    if model.conditioning == "text":
+        tokens = jnp.zeros((1, max_caption_length), jnp.int32)
+        params["text_encoder"] = model.text_encoder.init(text_key, tokens)["params"]
+        context = model.text_encoder.apply({"params": params["text_encoder"]}, tokens)
+    elif model.conditioning == "class":
+        labels = jnp.zeros((1,), jnp.int32)
+    params["unet"] = model.unet.init(unet_key, latents, timesteps, context, labels)["params"]
+    return create_train_state(params, optimizer)
+
+
+def diffusion_losses(
+    params: Any,
+    latents: jax.Array,
+    condition: jax.Array | None,
+    key: jax.Array,
+    *,
+    model: LatentDiffusion,
+    cond_drop_prob: float,
+    min_snr_gamma: float | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The denoising loss at random timesteps, with conditions dropped for guidance."""
+    t_key, noise_key, drop_key, dropout_key = jax.random.split(key, 4)
+    batch = latents.shape[0]
+    t = jax.random.randint(t_key, (batch,), 0, model.schedule.num_timesteps)
+    noise = jax.random.normal(noise_key, latents.shape, jnp.float32)
+    z_t = diffusion.q_sample(model.schedule, latents, t, noise)
+    if condition is not None and cond_drop_prob > 0:
+        condition = model.drop_condition(
+            condition, jax.random.uniform(drop_key, (batch,)) < cond_drop_prob
+        )
+    output = model.predict(params, z_t, t, condition, train=True, rngs={"dropout": dropout_key})
+    loss, _ = diffusion.diffusion_loss(
+        model.schedule,
+        model.prediction_type,
+        output.astype(jnp.float32),
+        latents,
+        noise,
+        t,
+        min_snr_gamma,
+    )
+    return loss, {"loss": loss}
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    root_key: jax.Array,
+    autoencoder_params: Any,
+    *,
+    model: LatentDiffusion,
+    optimizer: optax.GradientTransformation,
+    ema_decay: float,
+    cond_drop_prob: float,
+    min_snr_gamma: float | None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    key = jax.random.fold_in(root_key, state.step)
+    posterior_key, loss_key = jax.random.split(key)
+    if "latent_mean" in batch:  # encoded once before training (config.diffusion.encode_once)
+        posterior = DiagonalGaussian.from_mean_std(batch["latent_mean"], batch["latent_std"])
+    else:
+        posterior = model.autoencoder.apply(
+            {"params": autoencoder_params}, pixels_from_uint8(batch["image"]), method="encode"
+        )
+    latents = jax.lax.stop_gradient(posterior.sample(posterior_key) * model.latent_scale)
+    condition = {"text": batch.get("tokens"), "class": batch.get("label")}.get(model.conditioning)
+    grads, metrics = jax.grad(diffusion_losses, has_aux=True)(
+        state.params,
+        latents,
+        condition,
+        loss_key,
+        model=model,
+        cond_drop_prob=cond_drop_prob,
+        min_snr_gamma=min_snr_gamma,
+    )
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return apply_gradients(state, grads, optimizer, ema_decay), metrics
+
+
+def batch_keys(conditioning: str, encoded: bool) -> tuple[str, ...]:
+    """What a stage-2 batch holds: images (or encoded latents) and the condition."""
+    inputs = ("latent_mean", "latent_std") if encoded else ("image",)
+    return inputs + {"text": ("tokens",), "class": ("label",), "none": ()}[conditioning]
+
+
+def encode_dataset(
+    config: ml_collections.ConfigDict,
+    source: Any,
+    model: LatentDiffusion,
+    ae_params: Any,
+    mesh: Mesh,
+) -> InMemorySource:
+    """Encodes every image of ``source`` once with the frozen encoder, into host memory.
+
+    Stage 2 then trains on the stored posterior means and stds (a fresh latent sample each
+    time a record is drawn) without running the encoder at every step. Memory: 8 bytes per
+    latent value per record.
+    """
+    shards = mesh_lib.data_parallel_size(mesh)
+    chunk = max(shards, config.diffusion.train.batch_size // shards * shards)
+    resize = transforms.ResizeAndCrop(config.data.image_size, random_crop=False)
+    rng = np.random.default_rng(0)
+
+    @jax.jit
+    def encode(images):
+        posterior = model.autoencoder.apply(
+            {"params": ae_params}, pixels_from_uint8(images), method="encode"
+        )
+        return posterior.mean, posterior.std
+
+    means, stds, captions, labels = [], [], [], []
+    is_main = jax.process_index() == 0
+    with jax.set_mesh(mesh):
+        for start in tqdm(range(0, len(source), chunk), desc="encoding", disable=not is_main):
+            records = [source[i] for i in range(start, min(start + chunk, len(source)))]
+            images = np.stack([resize.random_map(dict(r), rng)["image"] for r in records])
+            padded = np.concatenate([images, np.repeat(images[-1:], chunk - len(images), 0)])
+            mean, std = encode(jax.device_put(padded, sharding.batch_sharding(mesh)))
+            means.append(sharding.to_host(mean)[: len(records)])
+            stds.append(sharding.to_host(std)[: len(records)])
+            captions += [str(r["caption"]) for r in records]
+            labels += [int(r["label"]) for r in records]
+    arrays = {
+        "latent_mean": np.concatenate(means),
+        "latent_std": np.concatenate(stds),
+        "label": np.asarray(labels, np.int32),
+    }
+    log.info(
+        "encoded %d images into %.1f MB of latents",
+        len(captions),
+        (arrays["latent_mean"].nbytes + arrays["latent_std"].nbytes) / 1e6,
+    )
+    return InMemorySource(arrays, captions)
+
+
+def load_autoencoder(
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, rules
+) -> tuple[Any, Any, float]:
+    """EMA params of the trained stage 1 (with their shardings) and its latent scale."""
+    ae_workdir = autoencoder_workdir(config, workdir)
+    checkpointer = Checkpointer(
+        autoencoder_stage.checkpoint_dir(ae_workdir), async_checkpointing=False
+    )
+    if checkpointer.latest_step() is None:
+        raise config_lib.ConfigError(
+            f"stage 2 needs a trained autoencoder, but {checkpointer.directory} holds no "
+            "checkpoint: run stage 1 first (--config.stage=both or autoencoder) or point "
+            "--config.autoencoder.workdir at a workdir that has one"
+        )
+    state, shardings = autoencoder_stage.restore_or_create(config, checkpointer, mesh, rules)
+    checkpointer.close()
+    params = state.ema_params["autoencoder"]
+    scale = autoencoder_stage.read_latent_scale(ae_workdir, int(state.step))
+    if scale is None:
+        scale = autoencoder_stage.measure_latent_scale(config, params, mesh)
+        autoencoder_stage.write_latent_scale(ae_workdir, scale, int(state.step))
+    return params, shardings.ema_params["autoencoder"], scale
+
+
+def preview_prompts(config: ml_collections.ConfigDict) -> tuple[list[str], list[int]]:
+    """Prompts and labels for the sample grids written during training."""
+    if config.data.source == "shapes":
+        prompts, labels = zip(*shapes.class_prompts(), strict=True)
+        return list(prompts), list(labels)
+    source = data_lib.make_source(config.data, config.data.eval_split, config.seed)
+    records = [source[i] for i in range(min(16, len(source)))]
+    return [str(r["caption"]) for r in records], [int(r["label"]) for r in records]
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh: Mesh,
+    rules,
+    should_stop: Callable[[int], bool] | None = None,
+) -> TrainState:
+    """Trains stage 2 to ``config.diffusion.train.steps``; writes sample grids as it goes."""
+    train_config = config.diffusion.train
+    ae_params, ae_shardings, latent_scale = load_autoencoder(config, workdir, mesh, rules)
+    source = data_lib.make_source(config.data, config.data.train_split, config.seed)
+    tokenizer = None
+    if config.diffusion.conditioning == "text":
+        tokenizer = data_lib.load_or_build_tokenizer(workdir, config.data, source)
+    model = build_model(config, tokenizer, latent_scale)
+    optimizer = make_optimizer(train_config)
+    encoded = config.diffusion.encode_once
+    if encoded:
+        source = encode_dataset(config, source, model, ae_params, mesh)
+    data_iterator, batches = data_lib.make_batches(
+        config.data,
+        source,
+        batch_size=train_config.batch_size,
+        seed=config.seed + 11,
+        mesh=mesh,
+        tokenizer_json=tokenizer.to_str() if tokenizer else None,
+        keys=batch_keys(config.diffusion.conditioning, encoded),
+        images=not encoded,
+    )
+    checkpointer = Checkpointer(
+        checkpoint_dir(workdir),
+        max_to_keep=config.train.max_to_keep,
+        async_checkpointing=config.train.async_checkpointing,
+    )
+    state, shardings = restore_or_create(config, model, checkpointer, mesh, rules, data_iterator)
+
+    step = jit_train_step(
+        functools.partial(
+            train_step,
+            model=model,
+            optimizer=optimizer,
+            ema_decay=train_config.ema_decay,
+            cond_drop_prob=config.diffusion.cond_drop_prob,
+            min_snr_gamma=config.diffusion.min_snr_gamma or None,
+        ),
+        shardings,
+        mesh,
+        ae_shardings,
+    )
+    step_key = jax.random.fold_in(jax.random.key(config.seed), 12)
+    writer = MetricsWriter(workdir, STAGE)
+    prompts, labels = preview_prompts(config)
+    options = sampling_options(config)
+
+    def write_samples(step_number: int, current: TrainState) -> None:
+        generator = Generator(
+            model,
+            {**current.ema_params, "autoencoder": ae_params},
+            mesh,
+            tokenizer,
+            config.data.max_caption_length,
+        )
+        images = generator(generator.conditions(prompts, labels), seed=config.seed, options=options)
+        if jax.process_index() == 0:
+            grid = save_grid(
+                images, os.path.join(workdir, "samples", f"{STAGE}_{step_number:06d}.png")
+            )
+            writer.write_images(step_number, "samples", grid)
+
+    state = run_steps(
+        stage=STAGE,
+        config=config,
+        mesh=mesh,
+        state=state,
+        step_fn=lambda s, b: step(s, b, step_key, ae_params),
+        batches=batches,
+        data_iterator=data_iterator,
+        checkpointer=checkpointer,
+        writer=writer,
+        hook=write_samples,
+        should_stop=should_stop,
+    )
+    writer.close()
+    checkpointer.close()
+    return state
+
+
+def restore_or_create(
+    config: ml_collections.ConfigDict,
+    model: LatentDiffusion,
+    checkpointer: Checkpointer,
+    mesh: Mesh,
+    rules,
+    data_iterator: Any = None,
+    step: int | None = None,
+) -> tuple[TrainState, Any]:
+    """The stage-2 state, restored from ``checkpointer`` when it holds one, else fresh."""
+    init_fn = functools.partial(
+        init_state,
+        model=model,
+        optimizer=make_optimizer(config.diffusion.train),
+        max_caption_length=config.data.max_caption_length,
+    )
+    return state_lib.restore_or_create(
+        init_fn, state_lib.init_key(config.seed, 11), checkpointer, mesh, rules, data_iterator, step
+    )
+
+
+def sampling_options(config: ml_collections.ConfigDict, **overrides) -> SamplingOptions:
+    s = config.sample
+    values = dict(
+        sampler=s.sampler,
+        num_steps=s.num_steps,
+        guidance_scale=float(s.guidance_scale),
+        eta=float(s.eta),
+        timestep_spacing=s.timestep_spacing,
+    )
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SamplingOptions(**values)
+
+
+def load_generator(workdir: str, mesh: Mesh, step: int | None = None) -> tuple[Generator, Any]:
+    """A Generator with the EMA params of a trained workdir (``step``: default the newest)."""
+    config = config_lib.load_workdir_config(workdir)
+    rules = mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
+    checkpointer = Checkpointer(checkpoint_dir(workdir), async_checkpointing=False)
+    if checkpointer.latest_step() is None:
+        raise FileNotFoundError(
+            f"no stage-2 checkpoint in {checkpointer.directory}: train the "
+            "diffusion stage first (ldm-jax train)"
+        )
+    ae_params, _, latent_scale = load_autoencoder(config, workdir, mesh, rules)
+    tokenizer = None
+    if config.diffusion.conditioning == "text":
+        tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, data_lib.TOKENIZER_FILE))
+    model = build_model(config, tokenizer, latent_scale)
+    state, _ = restore_or_create(config, model, checkpointer, mesh, rules, step=step)
+    checkpointer.close()
+    log.info("loaded stage-2 step %d from %s", int(state.step), workdir)
+    generator = Generator(
+        model,
+        {**state.ema_params, "autoencoder": ae_params},
+        mesh,
+        tokenizer,
+        config.data.max_caption_length,
+    )
+    return generator, config

@@ -1,0 +1,49 @@
+"""``ldm-jax train``: validate the config, build the mesh, run stage 1 and/or stage 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import jax
+import ml_collections
+
+from ldm_jax import config as config_lib
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.train import autoencoder, diffusion
+
+log = logging.getLogger(__name__)
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    should_stop: Callable[[int], bool] | None = None,
+) -> bool:
+    """Trains the stages ``config.stage`` names, resuming from checkpoints in ``workdir``.
+
+    Returns:
+      True when every stage reached its step count; False when ``should_stop`` ended the run
+      early (it is checkpointed, and the next call resumes it).
+    """
+    config_lib.validate(config, jax.device_count())
+    mesh = mesh_lib.create_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
+    log.info(
+        "mesh %s over %d devices in %d processes",
+        dict(mesh.shape),
+        jax.device_count(),
+        jax.process_count(),
+    )
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config_lib.to_json(config))
+    stages = {"autoencoder": autoencoder, "diffusion": diffusion}
+    for name in ("autoencoder", "diffusion"):
+        if config.stage in ("both", name):
+            state = stages[name].train(config, workdir, mesh, rules, should_stop)
+            if int(state.step) < config[name].train.steps:
+                return False
+    return True

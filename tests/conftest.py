@@ -1,9 +1,20 @@
-"""Test set-up: 8 simulated CPU devices, so sharding is exercised on every run."""
-import os
+"""Test set-up: 8 simulated CPU devices, so sharding is exercised on every run.
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+Compilation dominates the suite's time on a small CPU, so tests compile with LLVM's
+optimisation off (the tiny test programs run just as fast) and share a persistent
+compilation cache, which subprocesses started by the CLI tests inherit through the
+environment.
+"""
+import os
+import tempfile
+
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS, "--xla_force_host_platform_device_count=8"]
 ).strip()
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ldm_jax_test_xla_cache")
+)
 
 import jax  # noqa: E402
 

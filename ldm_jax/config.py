@@ -11,9 +11,19 @@ import json
 import os
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
-from ldm_jax.diffusion import PREDICTION_TYPES, SAMPLERS, SCHEDULE_KINDS, TIMESTEP_SPACINGS
+from ldm_jax.data.shapes import NUM_CLASSES
+from ldm_jax.diffusion import (
+    PREDICTION_TYPES,
+    SAMPLERS,
+    SCHEDULE_KINDS,
+    TIMESTEP_SPACINGS,
+    NoiseSchedule,
+    make_schedule,
+)
+from ldm_jax.models import AutoencoderKL, TextEncoder, UNet
 from ldm_jax.parallel import mesh as mesh_lib
 
 STAGES = ("both", "autoencoder", "diffusion")
@@ -295,15 +305,11 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------------------------
 # Builders: the one place where config values become module fields.
 # ---------------------------------------------------------------------------------------------
-def compute_dtype(config: ml_collections.ConfigDict):
-    import jax.numpy as jnp
-
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
     return jnp.dtype(config.dtype)
 
 
-def build_autoencoder(config: ml_collections.ConfigDict):
-    from ldm_jax.models import AutoencoderKL
-
+def build_autoencoder(config: ml_collections.ConfigDict) -> AutoencoderKL:
     m = config.autoencoder.model
     return AutoencoderKL(
         block_out_channels=tuple(m.block_out_channels),
@@ -315,9 +321,7 @@ def build_autoencoder(config: ml_collections.ConfigDict):
     )
 
 
-def build_unet(config: ml_collections.ConfigDict):
-    from ldm_jax.models import UNet
-
+def build_unet(config: ml_collections.ConfigDict) -> UNet:
     dm = config.diffusion
     u = dm.unet
     channels = config.autoencoder.model.latent_channels
@@ -338,9 +342,7 @@ def build_unet(config: ml_collections.ConfigDict):
     )
 
 
-def build_text_encoder(config: ml_collections.ConfigDict, vocab_size: int):
-    from ldm_jax.models import TextEncoder
-
+def build_text_encoder(config: ml_collections.ConfigDict, vocab_size: int) -> TextEncoder:
     t = config.diffusion.text_encoder
     return TextEncoder(
         vocab_size=vocab_size,
@@ -352,9 +354,7 @@ def build_text_encoder(config: ml_collections.ConfigDict, vocab_size: int):
     )
 
 
-def build_schedule(config: ml_collections.ConfigDict):
-    from ldm_jax.diffusion import make_schedule
-
+def build_schedule(config: ml_collections.ConfigDict) -> NoiseSchedule:
     dm = config.diffusion
     return make_schedule(dm.schedule, dm.num_timesteps, dm.beta_start, dm.beta_end)
 
@@ -362,7 +362,5 @@ def build_schedule(config: ml_collections.ConfigDict):
 def num_classes(config: ml_collections.ConfigDict) -> int:
     """Number of class labels of the dataset (the shapes dataset knows its own)."""
     if config.data.source == "shapes":
-        from ldm_jax.data.shapes import NUM_CLASSES
-
         return NUM_CLASSES
     return config.data.num_classes

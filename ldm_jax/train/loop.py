@@ -167,7 +167,7 @@ def _loop(
             break
     bar.close()
     checkpointer.wait()
-    if is_main:
+    if is_main and not stopping:
         log.info(
             "%s: finished %d steps; checkpoint in %s", stage, total_steps, checkpointer.directory
         )

@@ -74,43 +74,6 @@ def run_steps(
     log_every, checkpoint_every = config.train.log_every, config.train.checkpoint_every
     hook_every = config.train.sample_every or total_steps
     config_dict = config.to_dict()
-    with jax.set_mesh(mesh):
-        return _loop(
-            stage,
-            state,
-            step_fn,
-            batches,
-            data_iterator,
-            checkpointer,
-            config_dict,
-            total_steps,
-            batch_size,
-            log_every,
-            checkpoint_every,
-            writer,
-            hook_every,
-            hook,
-            should_stop,
-        )
-
-
-def _loop(
-    stage,
-    state,
-    step_fn,
-    batches,
-    data_iterator,
-    checkpointer,
-    config_dict,
-    total_steps,
-    batch_size,
-    log_every,
-    checkpoint_every,
-    writer,
-    hook_every,
-    hook,
-    should_stop,
-):
     start = int(state.step)
     if start >= total_steps:
         log.info("%s: already trained for %d steps; nothing to do", stage, start)
@@ -126,45 +89,46 @@ def _loop(
     )
     pending: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(start + 1, total_steps + 1):
-        state, metrics = step_fn(state, next(batches))
-        pending.append(metrics)
-        window_steps += 1
-        stopping = should_stop is not None and should_stop(step)
-        is_last = step == total_steps or stopping
-        save_now = step % checkpoint_every == 0 or is_last
-        if step % log_every == 0 or save_now:
-            averaged = {
-                k: float(v)
-                for k, v in jax.device_get(
-                    jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *pending)
-                ).items()
-            }
-            pending = []
-            bad = [k for k, v in averaged.items() if not math.isfinite(v)]
-            if bad:
-                bar.close()
-                last = checkpointer.latest_step()
-                raise NonFiniteLossError(
-                    f"{stage}: non-finite {', '.join(bad)} at step {step}; the last good "
-                    f"checkpoint is step {last} in {checkpointer.directory}. Lower the learning "
-                    f"rate (config.{stage}.train.learning_rate) or check the data."
+    with jax.set_mesh(mesh):
+        for step in range(start + 1, total_steps + 1):
+            state, metrics = step_fn(state, next(batches))
+            pending.append(metrics)
+            window_steps += 1
+            stopping = should_stop is not None and should_stop(step)
+            is_last = step == total_steps or stopping
+            save_now = step % checkpoint_every == 0 or is_last
+            if step % log_every == 0 or save_now:
+                averaged = {
+                    k: float(v)
+                    for k, v in jax.device_get(
+                        jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *pending)
+                    ).items()
+                }
+                pending = []
+                bad = [k for k, v in averaged.items() if not math.isfinite(v)]
+                if bad:
+                    bar.close()
+                    last = checkpointer.latest_step()
+                    raise NonFiniteLossError(
+                        f"{stage}: non-finite {', '.join(bad)} at step {step}; the last good "
+                        f"checkpoint is step {last} in {checkpointer.directory}. Lower the "
+                        f"learning rate (config.{stage}.train.learning_rate) or check the data."
+                    )
+                elapsed = time.perf_counter() - window_start
+                averaged["images_per_second"] = window_steps * batch_size / max(elapsed, 1e-9)
+                writer.write(step, averaged)
+                bar.set_postfix(
+                    loss=f"{averaged['loss']:.4f}", img_s=f"{averaged['images_per_second']:.1f}"
                 )
-            elapsed = time.perf_counter() - window_start
-            averaged["images_per_second"] = window_steps * batch_size / max(elapsed, 1e-9)
-            writer.write(step, averaged)
-            bar.set_postfix(
-                loss=f"{averaged['loss']:.4f}", img_s=f"{averaged['images_per_second']:.1f}"
-            )
-            window_start, window_steps = time.perf_counter(), 0
-        if save_now:
-            checkpointer.save(step, state, data_iterator, config_dict)
-        if hook is not None and (step % hook_every == 0 or step == total_steps):
-            hook(step, state)
-        bar.update(1)
-        if stopping:
-            log.info("%s: stopping at step %d on request; it is checkpointed", stage, step)
-            break
+                window_start, window_steps = time.perf_counter(), 0
+            if save_now:
+                checkpointer.save(step, state, data_iterator, config_dict)
+            if hook is not None and (step % hook_every == 0 or step == total_steps):
+                hook(step, state)
+            bar.update(1)
+            if stopping:
+                log.info("%s: stopping at step %d on request; it is checkpointed", stage, step)
+                break
     bar.close()
     checkpointer.wait()
     if is_main and not stopping:

@@ -16,13 +16,13 @@ def get_config(arg: str | None = None):
     config.data.image_size = 32
     config.data.num_train_examples = 20_000
 
-    # Sized for a 2-core CPU: about 5 minutes for stage 1 and 12 for stage 2 (18 in all).
+    # Sized for a 2-core CPU: about 4.5 minutes for stage 1 and 13 for stage 2.
     ae = config.autoencoder
     ae.model.block_out_channels = (16, 32, 32)  # f = 4: 32x32x3 -> 8x8x4
     ae.model.layers_per_block = 1
     ae.model.latent_channels = 4
     ae.model.norm_num_groups = 8
-    ae.train.steps = 800
+    ae.train.steps = 700
     ae.train.batch_size = 32
     ae.train.learning_rate = 2e-3
     ae.train.warmup_steps = 100
@@ -45,6 +45,9 @@ def get_config(arg: str | None = None):
     dm.train.warmup_steps = 100
     dm.train.ema_decay = 0.995
 
+    # The LDM sampler (x0, then fresh noise) scores best on this under-trained model: shape
+    # accuracy 71-74% against 59% for deterministic DDIM (`ldm-jax evaluate --sampler=...`).
+    config.sample.sampler = "ldm"
     config.sample.num_steps = 50
     config.sample.guidance_scale = 4.0
     config.train.sample_every = 0  # one grid of samples at the end of each stage

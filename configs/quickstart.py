@@ -16,13 +16,14 @@ def get_config(arg: str | None = None):
     config.data.image_size = 32
     config.data.num_train_examples = 20_000
 
-    # Sized for a 2-core CPU: about 4.5 minutes for stage 1 and 13 for stage 2.
+    # Sized for a 2-core CPU: about 4.5 minutes for stage 1 and 13 for stage 2, with a
+    # margin for slower machines.
     ae = config.autoencoder
     ae.model.block_out_channels = (16, 32, 32)  # f = 4: 32x32x3 -> 8x8x4
     ae.model.layers_per_block = 1
     ae.model.latent_channels = 4
     ae.model.norm_num_groups = 8
-    ae.train.steps = 700
+    ae.train.steps = 600
     ae.train.batch_size = 32
     ae.train.learning_rate = 2e-3
     ae.train.warmup_steps = 100
@@ -39,7 +40,7 @@ def get_config(arg: str | None = None):
     dm.text_encoder.width = 64
     dm.text_encoder.num_layers = 2
     dm.text_encoder.num_heads = 4
-    dm.train.steps = 1600
+    dm.train.steps = 1400
     dm.train.batch_size = 64
     dm.train.learning_rate = 8e-4
     dm.train.warmup_steps = 100

@@ -4,6 +4,8 @@ ldm-jax train    --config=configs/quickstart.py --workdir=DIR [--config.KEY=VALU
 ldm-jax sample   --workdir=DIR --prompt="a red circle" | --label=N  [--num --sampler --steps
                  --guidance --eta --seed --out]
 ldm-jax evaluate --workdir=DIR [--num_per_prompt --sampler --steps --guidance --seed]
+ldm-jax import   --from=diffusers|single-file|clip PATH --workdir=DIR [--tokenizer=DIR]
+ldm-jax export   --workdir=DIR --to=diffusers|safetensors --out=PATH [--raw]
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "evaluate")
+from ldm_jax.diffusion import SAMPLERS
+from ldm_jax.interop.formats import EXPORT_FORMATS, IMPORT_FORMATS
+
+COMMANDS = ("train", "sample", "evaluate", "import", "export")
+# Commands that take one positional argument (the path to import).
+_POSITIONAL = {"import": "PATH"}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Python config file, e.g. configs/quickstart.py[:variant].", lock_config=True
@@ -34,7 +41,7 @@ _NUM_PER_PROMPT = flags.DEFINE_integer(
     "num_per_prompt", 8, "Samples per colour x shape prompt for `evaluate`."
 )
 _SAMPLER = flags.DEFINE_enum(
-    "sampler", None, ["ldm", "ddpm", "ddim"], "Sampler (default: the config's sample.sampler)."
+    "sampler", None, list(SAMPLERS), "Sampler (default: the config's sample.sampler)."
 )
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: config sample.num_steps).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (1 = none).")
@@ -44,6 +51,18 @@ _OUT = flags.DEFINE_string("out", None, "Output PNG (sample) or folder (evaluate
 _CHECKPOINT_STEP = flags.DEFINE_integer(
     "checkpoint_step", None, "Stage-2 checkpoint step to sample from (default: newest)."
 )
+_FROM = flags.DEFINE_enum("from", None, list(IMPORT_FORMATS), "Format of the PATH to `import`.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "`import --from=single-file`: folder with the CLIP vocab.json/merges.txt."
+)
+_PREDICTION_TYPE = flags.DEFINE_enum(
+    "prediction_type",
+    None,
+    ["epsilon", "v", "x0"],
+    "`import --from=single-file`: what the U-Net predicts (v for Stable Diffusion 2 768-v).",
+)
+_TO = flags.DEFINE_enum("to", None, list(EXPORT_FORMATS), "Format to `export` to.")
+_RAW = flags.DEFINE_bool("raw", False, "`export` the online params instead of their EMA.")
 
 
 def _require_workdir() -> str:
@@ -130,15 +149,51 @@ def _evaluate() -> None:
     print(f"wrote {os.path.join(out, 'results.json')}")
 
 
+def _import(path: str) -> None:
+    from ldm_jax.interop.workdir import import_model
+
+    if _FROM.value is None:
+        raise ValueError(f"--from is required: one of {IMPORT_FORMATS}")
+    if not _WORKDIR.value:
+        raise ValueError("--workdir is required: the new workdir to write")
+    print(
+        import_model(
+            _FROM.value,
+            path,
+            _WORKDIR.value,
+            tokenizer=_TOKENIZER.value,
+            prediction_type=_PREDICTION_TYPE.value,
+        )
+    )
+
+
+def _export() -> None:
+    from ldm_jax.interop.workdir import export_workdir
+
+    workdir = _require_workdir()
+    if _TO.value is None or not _OUT.value:
+        raise ValueError(f"--to (one of {EXPORT_FORMATS}) and --out are required")
+    print(export_workdir(workdir, _TO.value, _OUT.value, raw=_RAW.value))
+
+
 def main(argv: list[str]) -> None:
     command = argv[1] if len(argv) > 1 else None
-    if command not in COMMANDS or len(argv) > 2:
-        print(f"usage: ldm-jax {{{'|'.join(COMMANDS)}}} [--flags]; got {argv[1:]}", file=sys.stderr)
+    positional = argv[2:]
+    if command not in COMMANDS or len(positional) != (command in _POSITIONAL):
+        usage = f"ldm-jax {{{'|'.join(COMMANDS)}}} [--flags]; import takes one PATH"
+        print(f"usage: {usage}; got {argv[1:]}", file=sys.stderr)
         sys.exit(2)
     from ldm_jax.config import ConfigError
 
+    commands = {
+        "train": _train,
+        "sample": _sample,
+        "evaluate": _evaluate,
+        "import": lambda: _import(positional[0]),
+        "export": _export,
+    }
     try:
-        {"train": _train, "sample": _sample, "evaluate": _evaluate}[command]()
+        commands[command]()
     except (ConfigError, OSError, ValueError, FloatingPointError) as error:
         message = " ".join(str(error).split())
         print(f"ldm-jax {command}: error: {message}", file=sys.stderr)

@@ -29,6 +29,7 @@ from ldm_jax.parallel import mesh as mesh_lib
 STAGES = ("both", "autoencoder", "diffusion")
 SOURCES = ("shapes", "image_folder", "tfds")
 CONDITIONINGS = ("text", "class", "none")
+TEXT_ENCODER_KINDS = ("scratch", "clip")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -95,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
             kl_weight=1e-6,
             # The workdir where stage 2 finds the trained autoencoder; empty: this run's.
             workdir="",
+            # A diffusers AutoencoderKL directory (config.json + safetensors) to use instead of
+            # training stage 1; relative paths are inside the workdir (`ldm-jax import`).
+            pretrained="",
             latent_scale_batches=8,
         )
     )
@@ -122,8 +126,29 @@ def base_config() -> ml_collections.ConfigDict:
                 transformer_depth=1,
                 norm_num_groups=32,
                 dropout=0.0,
+                # Heads per level from a fixed head width (64 in Stable Diffusion 2) when
+                # positive; else num_attention_heads at every level.
+                attention_head_dim=0,
+                use_linear_projection=False,
+                flip_sin_to_cos=True,
+                freq_shift=0,
+                # A diffusers UNet2DConditionModel directory whose weights start stage 2 when
+                # the workdir has no stage-2 checkpoint (fine-tuning); relative: in the workdir.
+                pretrained="",
             ),
-            text_encoder=dict(width=128, num_layers=2, num_heads=4),
+            # kind "scratch": a small transformer trained with the U-Net (width, num_layers,
+            # num_heads); kind "clip": a frozen pretrained CLIP text model read from the
+            # transformers directory `pretrained` (its width must be `width`), tokenizer files
+            # from `tokenizer` (default: the same directory).
+            text_encoder=dict(
+                kind="scratch",
+                width=128,
+                num_layers=2,
+                num_heads=4,
+                pretrained="",
+                tokenizer="",
+                skip_last_layers=0,
+            ),
             train=_optimizer(steps=5000, batch_size=64, learning_rate=5e-4).to_dict(),
         )
     )
@@ -135,6 +160,11 @@ def base_config() -> ml_collections.ConfigDict:
             guidance_scale=4.0,
             eta=0.0,
             timestep_spacing="leading",
+            # Timesteps visited are shifted by this (Stable Diffusion: 1).
+            steps_offset=1,
+            # DDIM's last step goes to alpha_bar = 1 (True) or to alpha_bar_0 (False, as
+            # Stable Diffusion's scheduler config).
+            set_alpha_to_one=True,
             num=16,
         )
     )
@@ -226,7 +256,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             "config.diffusion.conditioning='class' needs the number of classes: "
             "set --config.data.num_classes"
         )
+    _check_choice("diffusion.text_encoder.kind", dm.text_encoder.kind, TEXT_ENCODER_KINDS)
+    if dm.text_encoder.kind == "clip" and not dm.text_encoder.pretrained:
+        raise ConfigError(
+            "config.diffusion.text_encoder.kind='clip' needs its weights: set "
+            "--config.diffusion.text_encoder.pretrained to a transformers CLIP text model "
+            "directory (or make the workdir with `ldm-jax import`)"
+        )
     _check_groups("diffusion.unet", dm.unet.block_out_channels, dm.unet.norm_num_groups)
+    if dm.unet.attention_head_dim > 0:
+        for channels in dm.unet.block_out_channels:
+            if channels % dm.unet.attention_head_dim:
+                raise ConfigError(
+                    f"config.diffusion.unet.attention_head_dim={dm.unet.attention_head_dim} "
+                    f"must divide every entry of config.diffusion.unet.block_out_channels="
+                    f"{tuple(dm.unet.block_out_channels)}"
+                )
     if len(dm.unet.attention_levels) != len(dm.unet.block_out_channels):
         raise ConfigError(
             "config.diffusion.unet.attention_levels needs one entry per entry of "
@@ -332,8 +377,15 @@ def build_unet(config: ml_collections.ConfigDict) -> UNet:
         layers_per_block=u.layers_per_block,
         attention_levels=tuple(bool(a) for a in u.attention_levels),
         mid_block_attention=u.mid_block_attention,
-        num_attention_heads=u.num_attention_heads,
+        num_attention_heads=(
+            tuple(c // u.attention_head_dim for c in u.block_out_channels)
+            if u.attention_head_dim > 0
+            else u.num_attention_heads
+        ),
         transformer_depth=u.transformer_depth,
+        use_linear_projection=u.use_linear_projection,
+        flip_sin_to_cos=u.flip_sin_to_cos,
+        freq_shift=u.freq_shift,
         context_dim=dm.text_encoder.width if dm.conditioning == "text" else None,
         num_classes=num_classes(config) if dm.conditioning == "class" else None,
         norm_num_groups=u.norm_num_groups,

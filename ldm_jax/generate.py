@@ -42,6 +42,8 @@ class SamplingOptions:
     guidance_scale: float = 4.0
     eta: float = 0.0
     timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,8 @@ class LatentDiffusion:
       conditioning: "text" (tokens through ``text_encoder``), "class" (labels) or "none".
       null_condition: the condition that means "no condition" for guidance: the tokens of the
         empty caption, or the reserved null class index.
+      frozen_text_encoder: the text encoder is pretrained and not trained (CLIP): its params
+        come with the autoencoder's, not in the train state.
     """
 
     unet: nn.Module
@@ -63,6 +67,7 @@ class LatentDiffusion:
     latent_shape: tuple[int, int, int]
     latent_scale: float
     prediction_type: str = "epsilon"
+    frozen_text_encoder: bool = False
 
     def encode_condition(self, params: Any, condition: jax.Array | None):
         """(context, labels) for the U-Net: text through the encoder, labels as they are."""
@@ -126,6 +131,8 @@ class LatentDiffusion:
             eta=options.eta,
             prediction_type=self.prediction_type,
             timestep_spacing=options.timestep_spacing,
+            steps_offset=options.steps_offset,
+            set_alpha_to_one=options.set_alpha_to_one,
         )
         images = self.autoencoder.apply(
             {"params": params["autoencoder"]}, z_0 / self.latent_scale, method="decode"

@@ -5,6 +5,7 @@ optimisation off (the tiny test programs run just as fast) and share a persisten
 compilation cache, which subprocesses started by the CLI tests inherit through the
 environment.
 """
+
 import os
 import tempfile
 

@@ -48,14 +48,27 @@ def test_train_sample_evaluate_end_to_end(tmp_path):
     assert stages == {"autoencoder", "diffusion"}
 
     out = tmp_path / "grid.png"
-    result = ldm_jax("sample", f"--workdir={workdir}", "--prompt=a red circle", "--num=3",
-                     "--sampler=ddim", "--steps=3", "--guidance=2", f"--out={out}")
+    result = ldm_jax(
+        "sample",
+        f"--workdir={workdir}",
+        "--prompt=a red circle",
+        "--num=3",
+        "--sampler=ddim",
+        "--steps=3",
+        "--guidance=2",
+        f"--out={out}",
+    )
     assert result.returncode == 0, result.stderr
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 + 34, 2 + 3 * 34, 3)  # 3 images of 32x32 with 2-pixel gaps
 
-    result = ldm_jax("evaluate", f"--workdir={workdir}", "--num_per_prompt=1", "--steps=2",
-                     f"--out={tmp_path / 'eval'}")
+    result = ldm_jax(
+        "evaluate",
+        f"--workdir={workdir}",
+        "--num_per_prompt=1",
+        "--steps=2",
+        f"--out={tmp_path / 'eval'}",
+    )
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["num_samples"] == 18
@@ -73,26 +86,39 @@ def test_unknown_config_key_is_one_line(tmp_path):
 
 
 def test_batch_not_divisible_by_mesh_is_one_line(tmp_path):
-    result = ldm_jax("train", TINY, f"--workdir={tmp_path}",
-                     "--config.diffusion.train.batch_size=15", timeout=120)
+    result = ldm_jax(
+        "train",
+        TINY,
+        f"--workdir={tmp_path}",
+        "--config.diffusion.train.batch_size=15",
+        timeout=120,
+    )
     _assert_one_line_error(result, "config.diffusion.train.batch_size=15 is not divisible")
 
 
 def test_image_size_not_divisible_by_autoencoder_factor_is_one_line(tmp_path):
-    result = ldm_jax("train", TINY, f"--workdir={tmp_path}", "--config.data.image_size=33",
-                     timeout=120)
+    result = ldm_jax(
+        "train", TINY, f"--workdir={tmp_path}", "--config.data.image_size=33", timeout=120
+    )
     _assert_one_line_error(result, "not divisible by the autoencoder factor")
 
 
 def test_missing_dataset_path_is_one_line(tmp_path):
-    result = ldm_jax("train", TINY, f"--workdir={tmp_path}", "--config.data.source=image_folder",
-                     f"--config.data.path={tmp_path / 'nowhere'}", timeout=120)
+    result = ldm_jax(
+        "train",
+        TINY,
+        f"--workdir={tmp_path}",
+        "--config.data.source=image_folder",
+        f"--config.data.path={tmp_path / 'nowhere'}",
+        timeout=120,
+    )
     _assert_one_line_error(result, "--config.data.path")
 
 
 def test_stage_two_without_stage_one_is_one_line(tmp_path):
-    result = ldm_jax("train", TINY, f"--workdir={tmp_path}", "--config.stage=diffusion",
-                     timeout=300)
+    result = ldm_jax(
+        "train", TINY, f"--workdir={tmp_path}", "--config.stage=diffusion", timeout=300
+    )
     _assert_one_line_error(result, "needs a trained autoencoder", "--config.autoencoder.workdir")
 
 

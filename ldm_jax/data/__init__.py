@@ -1,5 +1,6 @@
 """Data: grain sources, transforms and loaders, the embedded "shapes" dataset, tokenizers."""
 
+from ldm_jax.data.clip_tokenizer import ClipTokenizer
 from ldm_jax.data.image_folder import ImageFolderSource
 from ldm_jax.data.pipeline import global_batch, make_loader
 from ldm_jax.data.shapes import ShapesSource
@@ -8,6 +9,7 @@ from ldm_jax.data.tokenizer import build_word_tokenizer, encode, load_tokenizer,
 from ldm_jax.data.transforms import NormalizeImage, RandomFlip, ResizeAndCrop, SelectKeys, Tokenize
 
 __all__ = [
+    "ClipTokenizer",
     "ImageFolderSource",
     "NormalizeImage",
     "RandomFlip",

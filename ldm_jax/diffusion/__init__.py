@@ -13,6 +13,7 @@ from ldm_jax.diffusion.objectives import (
 from ldm_jax.diffusion.samplers import (
     SAMPLERS,
     denoising_step,
+    dpm_solver_step,
     noise_std,
     posterior_variance,
     sample,
@@ -34,6 +35,7 @@ __all__ = [
     "classifier_free_guidance",
     "denoising_step",
     "diffusion_loss",
+    "dpm_solver_step",
     "guided_denoise_fn",
     "loss_weight",
     "make_schedule",

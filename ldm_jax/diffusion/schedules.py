@@ -112,20 +112,20 @@ def make_schedule(
     )
 
 
-def _leading_timesteps(num_timesteps: int, num_steps: int, steps_offset: int) -> np.ndarray:
-    return np.arange(num_steps)[::-1] * (num_timesteps // num_steps) + steps_offset
+def _leading_timesteps(num_timesteps: int, num_points: int, steps_offset: int) -> np.ndarray:
+    return np.arange(num_points)[::-1] * (num_timesteps // num_points) + steps_offset
 
 
-def _trailing_timesteps(num_timesteps: int, num_steps: int, steps_offset: int) -> np.ndarray:
+def _trailing_timesteps(num_timesteps: int, num_points: int, steps_offset: int) -> np.ndarray:
     # diffusers writes np.arange(T, 0, -T/n); the same values, but a float stop can add an
     # element, so the count is fixed here.
     del steps_offset
-    return np.round(num_timesteps - np.arange(num_steps) * (num_timesteps / num_steps)) - 1
+    return np.round(num_timesteps - np.arange(num_points) * (num_timesteps / num_points)) - 1
 
 
-def _linspace_timesteps(num_timesteps: int, num_steps: int, steps_offset: int) -> np.ndarray:
+def _linspace_timesteps(num_timesteps: int, num_points: int, steps_offset: int) -> np.ndarray:
     del steps_offset
-    return np.linspace(0, num_timesteps - 1, num_steps).round()[::-1]
+    return np.linspace(0, num_timesteps - 1, num_points).round()[::-1]
 
 
 _SPACINGS: dict[str, Callable[[int, int, int], np.ndarray]] = {
@@ -137,7 +137,11 @@ TIMESTEP_SPACINGS = tuple(_SPACINGS)
 
 
 def sampling_timesteps(
-    num_timesteps: int, num_steps: int, spacing: str = "leading", steps_offset: int = 1
+    num_timesteps: int,
+    num_steps: int,
+    spacing: str = "leading",
+    steps_offset: int = 1,
+    drop_last_grid_point: bool = False,
 ) -> np.ndarray:
     """The descending timesteps a sampler visits, as diffusers' ``set_timesteps`` picks them.
 
@@ -147,20 +151,31 @@ def sampling_timesteps(
         spacing: One of ``TIMESTEP_SPACINGS`` (diffusers' ``timestep_spacing``).
         steps_offset: Added to every timestep of the "leading" spacing (Stable Diffusion
             uses 1); the other spacings ignore it.
+        drop_last_grid_point: Lay out ``num_steps + 1`` points by the "leading" or "linspace"
+            rule and visit all but the lowest, as diffusers' DPM-Solver schedulers do: their
+            last step goes to noise level zero in its place. "trailing" already stops one
+            stride above 0 and is unchanged.
 
     Returns:
         int32 array of shape (num_steps,), strictly descending, within [0, T).
 
     Raises:
-        ValueError: If ``spacing`` is unknown, ``num_steps`` is outside [1, T], or
-            ``steps_offset`` pushes a "leading" timestep to T or beyond.
+        ValueError: If ``spacing`` is unknown, ``num_steps`` is outside [1, T] or too large for
+            distinct timesteps, or ``steps_offset`` pushes a "leading" timestep to T or beyond.
     """
     validate_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(
             f"num_steps must be in [1, num_timesteps={num_timesteps}], got {num_steps}"
         )
-    timesteps = _SPACINGS[spacing](num_timesteps, num_steps, steps_offset).astype(np.int32)
+    num_points = num_steps + 1 if drop_last_grid_point and spacing != "trailing" else num_steps
+    timesteps = _SPACINGS[spacing](num_timesteps, num_points, steps_offset)[:num_steps]
+    timesteps = timesteps.astype(np.int32)
+    if np.any(np.diff(timesteps) >= 0):
+        raise ValueError(
+            f"num_steps={num_steps} repeats timesteps with the {spacing!r} spacing of this "
+            f"sampler; use num_steps < {num_timesteps}"
+        )
     if timesteps.max() >= num_timesteps or timesteps.min() < 0:
         raise ValueError(
             f"steps_offset={steps_offset} puts the timesteps {timesteps.min()}..{timesteps.max()} "

@@ -1,4 +1,4 @@
-"""Flax Linen models of latent diffusion: autoencoder, U-Net, text encoder and their layers."""
+"""Flax Linen models of latent diffusion: autoencoder, U-Net, text encoders and their layers."""
 
 from ldm_jax.models.attention import (
     Attention,
@@ -8,6 +8,7 @@ from ldm_jax.models.attention import (
     dot_product_attention,
 )
 from ldm_jax.models.autoencoder import AutoencoderKL, Decoder, DiagonalGaussian, Encoder
+from ldm_jax.models.clip import CLIPTextTransformer
 from ldm_jax.models.layers import (
     LOGICAL_AXIS_NAMES,
     Downsample,
@@ -24,6 +25,7 @@ __all__ = [
     "Attention",
     "AutoencoderKL",
     "BasicTransformerBlock",
+    "CLIPTextTransformer",
     "Decoder",
     "DiagonalGaussian",
     "Downsample",

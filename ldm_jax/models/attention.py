@@ -20,7 +20,9 @@ from ldm_jax.models.layers import (
 )
 
 
-def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+def dot_product_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, *, is_causal: bool = False
+) -> jax.Array:
     """`softmax(q k^T / sqrt(head_dim)) v`, the one place every model attends.
 
     Goes through `jax.nn.dot_product_attention`, which computes the logits and softmax in
@@ -30,11 +32,12 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array) ->
       query: `(B, T, heads, head_dim)`.
       key: `(B, S, heads, head_dim)`.
       value: `(B, S, heads, head_dim)`.
+      is_causal: query `t` attends only to keys `s <= t` (a language model's mask).
 
     Returns:
       `(B, T, heads, head_dim)`.
     """
-    return jax.nn.dot_product_attention(query, key, value)
+    return jax.nn.dot_product_attention(query, key, value, is_causal=is_causal)
 
 
 class Attention(nn.Module):
@@ -43,6 +46,8 @@ class Attention(nn.Module):
     Queries come from `x`, keys and values from `context` (cross-attention) or from `x`
     itself when `context` is None. With `norm_num_groups` set, this is the autoencoder's
     mid-block attention: `x + attention(group_norm(x))`, the norm named `group_norm`.
+    With `causal`, each token attends only to itself and earlier tokens (CLIP's text
+    transformer); meant for self-attention.
     """
 
     num_heads: int
@@ -51,6 +56,7 @@ class Attention(nn.Module):
     norm_eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -77,7 +83,10 @@ class Attention(nn.Module):
             return projected.reshape(*inputs.shape[:2], self.num_heads, -1)
 
         attended = dot_product_attention(
-            heads("to_q", x), heads("to_k", context), heads("to_v", context)
+            heads("to_q", x),
+            heads("to_k", context),
+            heads("to_v", context),
+            is_causal=self.causal,
         )
         out = dense(channels, ATTENTION_OUT_KERNEL_AXES, name="to_out_0", **kwargs)(
             attended.reshape(batch, length, channels)

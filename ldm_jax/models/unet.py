@@ -4,6 +4,7 @@
 `up_blocks_{i}` (levels in reverse, as diffusers), `conv_norm_out`, `conv_out`. A level
 with attention has a `SpatialTransformer` after each of its resnets; the up path
 concatenates the down path's features (skip connections) before each of its resnets.
+Every configuration is that of a diffusers `UNet2DConditionModel`, with the same tensors.
 """
 
 from collections.abc import Sequence
@@ -25,8 +26,6 @@ from ldm_jax.models.layers import (
     timestep_embedding,
 )
 
-UNET_NORM_EPS = 1e-5
-
 
 class _LevelBlock(nn.Module):
     """Fields and sub-module builders shared by the U-Net's down, mid and up blocks."""
@@ -37,6 +36,7 @@ class _LevelBlock(nn.Module):
     transformer_depth: int = 1
     use_linear_projection: bool = False
     norm_num_groups: int = 32
+    norm_eps: float = 1e-5
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -45,7 +45,7 @@ class _LevelBlock(nn.Module):
         return ResnetBlock(
             self.out_channels,
             norm_num_groups=self.norm_num_groups,
-            norm_eps=UNET_NORM_EPS,
+            norm_eps=self.norm_eps,
             dropout=self.dropout,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -93,7 +93,11 @@ class DownBlock(_LevelBlock):
 
 
 class MidBlock(_LevelBlock):
-    """`resnets_0`, `attentions_0` (when `use_attention`), `resnets_1`."""
+    """`resnets_0`, `attentions_0`, `resnets_1`; only `resnets_0` without attention.
+
+    These are diffusers' `UNetMidBlock2DCrossAttn` and, without attention, the
+    `UNetMidBlock2D` that `UNet2DConditionModel` builds (no attention, no second resnet).
+    """
 
     @nn.compact
     def __call__(
@@ -102,7 +106,8 @@ class MidBlock(_LevelBlock):
         x = self.resnet("resnets_0")(x, temb, train=train)
         if self.use_attention:
             x = self.transformer("attentions_0")(x, context)
-        return self.resnet("resnets_1")(x, temb, train=train)
+            x = self.resnet("resnets_1")(x, temb, train=train)
+        return x
 
 
 class UpBlock(_LevelBlock):
@@ -145,18 +150,25 @@ class UNet(nn.Module):
       block_out_channels: channels per level; every level but the last halves the size.
       layers_per_block: resnets per level on the down path (the up path has one more).
       attention_levels: per level, whether a spatial transformer follows each resnet.
-      mid_block_attention: whether the mid block has a spatial transformer.
+      mid_block_attention: True for a mid block of resnet, spatial transformer, resnet
+        (diffusers' "UNetMidBlock2DCrossAttn"); False for a single resnet (the
+        "UNetMidBlock2D" of diffusers' `UNet2DConditionModel`).
       num_attention_heads: heads of every transformer, or one count per level (the mid
-        block uses the last); the head width is `channels // heads`.
-      transformer_depth: transformer blocks per spatial transformer.
+        block uses the last); the head width is `channels // heads`. diffusers'
+        `attention_head_dim` is, despite its name, this number of heads.
+      transformer_depth: transformer blocks per spatial transformer, or one count per
+        level (the mid block uses the last): diffusers' `transformer_layers_per_block`.
       context_dim: width of the cross-attention context, or None for a model without
         one (`attn2` then attends to the features themselves).
       num_classes: number of class labels whose embedding is added to the time
         embedding, or None. Label `num_classes` is the "null" class of classifier-free
-        guidance, so the table has `num_classes + 1` rows.
+        guidance, so the table has `num_classes + 1` rows: a diffusers model with
+        `num_class_embeds=N` is `num_classes=N - 1`.
       use_linear_projection: dense (Stable Diffusion 2) instead of 1x1 conv `proj_in`
         and `proj_out` in the spatial transformers.
       norm_num_groups: GroupNorm groups.
+      norm_eps: epsilon of the resnets' and the output's GroupNorms (the transformers'
+        GroupNorm has 1e-6 and their LayerNorms 1e-5, as in diffusers).
       dropout: dropout rate inside the resnets.
       flip_sin_to_cos: cosines first in the timestep features.
       freq_shift: `downscale_freq_shift` of the timestep features.
@@ -171,11 +183,12 @@ class UNet(nn.Module):
     attention_levels: Sequence[bool] = (True, True)
     mid_block_attention: bool = True
     num_attention_heads: int | Sequence[int] = 4
-    transformer_depth: int = 1
+    transformer_depth: int | Sequence[int] = 1
     context_dim: int | None = None
     num_classes: int | None = None
     use_linear_projection: bool = False
     norm_num_groups: int = 32
+    norm_eps: float = 1e-5
     dropout: float = 0.0
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
@@ -188,6 +201,13 @@ class UNet(nn.Module):
         if isinstance(self.num_attention_heads, int):
             return (self.num_attention_heads,) * len(self.block_out_channels)
         return tuple(self.num_attention_heads)
+
+    @property
+    def depth_per_level(self) -> tuple[int, ...]:
+        """Transformer blocks per spatial transformer of each level, from `transformer_depth`."""
+        if isinstance(self.transformer_depth, int):
+            return (self.transformer_depth,) * len(self.block_out_channels)
+        return tuple(self.transformer_depth)
 
     @nn.compact
     def __call__(
@@ -237,13 +257,13 @@ class UNet(nn.Module):
             )(labels)
 
         block_kwargs = dict(
-            transformer_depth=self.transformer_depth,
             use_linear_projection=self.use_linear_projection,
             norm_num_groups=self.norm_num_groups,
+            norm_eps=self.norm_eps,
             dropout=self.dropout,
             **kwargs,
         )
-        heads = self.heads_per_level
+        heads, depths = self.heads_per_level, self.depth_per_level
         h = conv(self.block_out_channels[0], name="conv_in", **kwargs)(x)
         skips = [h]
         for level, channels in enumerate(self.block_out_channels):
@@ -251,6 +271,7 @@ class UNet(nn.Module):
                 channels,
                 heads[level],
                 use_attention=self.attention_levels[level],
+                transformer_depth=depths[level],
                 num_layers=self.layers_per_block,
                 add_downsample=level < levels - 1,
                 name=f"down_blocks_{level}",
@@ -261,6 +282,7 @@ class UNet(nn.Module):
             self.block_out_channels[-1],
             heads[-1],
             use_attention=self.mid_block_attention,
+            transformer_depth=depths[-1],
             name="mid_block",
             **block_kwargs,
         )(h, temb, context, train=train)
@@ -271,11 +293,12 @@ class UNet(nn.Module):
                 self.block_out_channels[level],
                 heads[level],
                 use_attention=self.attention_levels[level],
+                transformer_depth=depths[level],
                 add_upsample=level > 0,
                 name=f"up_blocks_{i}",
                 **block_kwargs,
             )(h, level_skips, temb, context, train=train)
-        h = group_norm(self.norm_num_groups, UNET_NORM_EPS, name="conv_norm_out", **kwargs)(h)
+        h = group_norm(self.norm_num_groups, self.norm_eps, name="conv_norm_out", **kwargs)(h)
         h = conv(self.out_channels, name="conv_out", **kwargs)(nn.silu(h))
         return nn.with_logical_constraint(h, BATCH_IMAGE_AXES)
 
@@ -292,6 +315,11 @@ class UNet(nn.Module):
             raise ValueError(
                 f"num_attention_heads must be an int or have one entry per level ({levels}); "
                 f"got {self.num_attention_heads}."
+            )
+        if len(self.depth_per_level) != levels:
+            raise ValueError(
+                f"transformer_depth must be an int or have one entry per level ({levels}); "
+                f"got {self.transformer_depth}."
             )
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(

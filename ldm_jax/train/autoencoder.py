@@ -109,7 +109,12 @@ def restore_or_create(
         image_size=config.data.image_size,
     )
     return state_lib.restore_or_create(
-        init_fn, state_lib.init_key(config.seed, 1), checkpointer, mesh, rules, data_iterator
+        init_fn,
+        state_lib.init_key(config.seed, 1, mesh.size),
+        checkpointer,
+        mesh,
+        rules,
+        data_iterator,
     )
 
 

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from ldm_jax import config as config_lib
-from ldm_jax import diffusion
+from ldm_jax import diffusion, pretrained
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data import shapes, transforms
 from ldm_jax.data import tokenizer as tokenizer_lib
@@ -27,8 +27,8 @@ from ldm_jax.generate import Generator, LatentDiffusion, SamplingOptions, pixels
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
-from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import data as data_lib
+from ldm_jax.train import frozen as frozen_inputs
 from ldm_jax.train import state as state_lib
 from ldm_jax.train.loop import jit_train_step, run_steps
 from ldm_jax.train.metrics import MetricsWriter
@@ -43,22 +43,31 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, "checkpoints", STAGE)
 
 
-def autoencoder_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
-    return config.autoencoder.workdir or workdir
-
-
 def build_model(
-    config: ml_collections.ConfigDict, tokenizer: Any, latent_scale: float
+    config: ml_collections.ConfigDict,
+    tokenizer: Any,
+    latent_scale: float,
+    text_encoder: Any = None,
 ) -> LatentDiffusion:
-    """The stage-2 model of ``config``; ``tokenizer`` is needed for text conditioning only."""
+    """The stage-2 model of ``config``.
+
+    Args:
+      config: the run's config.
+      tokenizer: the `tokenizers.Tokenizer` of text conditioning, else None.
+      latent_scale: the autoencoder's latent scale factor.
+      text_encoder: a pretrained (frozen) text encoder module; None builds the config's
+        from-scratch encoder.
+    """
     conditioning = config.diffusion.conditioning
-    text_encoder, null_condition = None, np.zeros((), np.int32)
+    null_condition = np.zeros((), np.int32)
     if conditioning == "text":
-        text_encoder = config_lib.build_text_encoder(config, tokenizer.get_vocab_size())
+        if text_encoder is None:
+            text_encoder = config_lib.build_text_encoder(config, tokenizer.get_vocab_size())
         null_condition = tokenizer_lib.encode(tokenizer, [""], config.data.max_caption_length)[0]
     elif conditioning == "class":
         null_condition = np.asarray(config_lib.num_classes(config), np.int32)
     return LatentDiffusion(
+        frozen_text_encoder=config.diffusion.text_encoder.kind == "clip",
         unet=config_lib.build_unet(config),
         autoencoder=config_lib.build_autoencoder(config),
         text_encoder=text_encoder,
@@ -82,7 +91,9 @@ def init_state(
     latents = jnp.zeros((1, *model.latent_shape), jnp.float32)
     timesteps = jnp.zeros((1,), jnp.int32)
     params, context, labels = {}, None, None
-    if model.conditioning == "text":
+    if model.conditioning == "text" and model.frozen_text_encoder:
+        context = jnp.zeros((1, max_caption_length, model.unet.context_dim), jnp.float32)
+    elif model.conditioning == "text":
         tokens = jnp.zeros((1, max_caption_length), jnp.int32)
         params["text_encoder"] = model.text_encoder.init(text_key, tokens)["params"]
         context = model.text_encoder.apply({"params": params["text_encoder"]}, tokens)
@@ -129,7 +140,7 @@ def train_step(
     state: TrainState,
     batch: dict,
     root_key: jax.Array,
-    autoencoder_params: Any,
+    frozen_params: dict,
     *,
     model: LatentDiffusion,
     optimizer: optax.GradientTransformation,
@@ -143,11 +154,19 @@ def train_step(
         posterior = DiagonalGaussian.from_mean_std(batch["latent_mean"], batch["latent_std"])
     else:
         posterior = model.autoencoder.apply(
-            {"params": autoencoder_params}, pixels_from_uint8(batch["image"]), method="encode"
+            {"params": frozen_params["autoencoder"]},
+            pixels_from_uint8(batch["image"]),
+            method="encode",
         )
     latents = jax.lax.stop_gradient(posterior.sample(posterior_key) * model.latent_scale)
     condition = {"text": batch.get("tokens"), "class": batch.get("label")}.get(model.conditioning)
-    grads, metrics = jax.grad(diffusion_losses, has_aux=True)(
+    frozen_modules = {k: v for k, v in frozen_params.items() if k != "autoencoder"}
+    grads, metrics = jax.grad(
+        lambda params, *args, **kwargs: diffusion_losses(
+            {**params, **frozen_modules}, *args, **kwargs
+        ),
+        has_aux=True,
+    )(
         state.params,
         latents,
         condition,
@@ -216,30 +235,6 @@ def encode_dataset(
     return InMemorySource(arrays, captions)
 
 
-def load_autoencoder(
-    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, rules
-) -> tuple[Any, Any, float]:
-    """EMA params of the trained stage 1 (with their shardings) and its latent scale."""
-    ae_workdir = autoencoder_workdir(config, workdir)
-    checkpointer = Checkpointer(
-        autoencoder_stage.checkpoint_dir(ae_workdir), async_checkpointing=False
-    )
-    if checkpointer.latest_step() is None:
-        raise config_lib.ConfigError(
-            f"stage 2 needs a trained autoencoder, but {checkpointer.directory} holds no "
-            "checkpoint: run stage 1 first (--config.stage=both or autoencoder) or point "
-            "--config.autoencoder.workdir at a workdir that has one"
-        )
-    state, shardings = autoencoder_stage.restore_or_create(config, checkpointer, mesh, rules)
-    checkpointer.close()
-    params = state.ema_params["autoencoder"]
-    scale = autoencoder_stage.read_latent_scale(ae_workdir, int(state.step))
-    if scale is None:
-        scale = autoencoder_stage.measure_latent_scale(config, params, mesh)
-        autoencoder_stage.write_latent_scale(ae_workdir, scale, int(state.step))
-    return params, shardings.ema_params["autoencoder"], scale
-
-
 def preview_prompts(config: ml_collections.ConfigDict) -> tuple[list[str], list[int]]:
     """Prompts and labels for the sample grids written during training."""
     if config.data.source == "shapes":
@@ -259,12 +254,18 @@ def train(
 ) -> TrainState:
     """Trains stage 2 to ``config.diffusion.train.steps``; writes sample grids as it goes."""
     train_config = config.diffusion.train
-    ae_params, ae_shardings, latent_scale = load_autoencoder(config, workdir, mesh, rules)
+    ae_params, ae_shardings, latent_scale = frozen_inputs.load_autoencoder(
+        config, workdir, mesh, rules
+    )
     source = data_lib.make_source(config.data, config.data.train_split, config.seed)
-    tokenizer = None
-    if config.diffusion.conditioning == "text":
-        tokenizer = data_lib.load_or_build_tokenizer(workdir, config.data, source)
-    model = build_model(config, tokenizer, latent_scale)
+    tokenizer, text_encoder, frozen, frozen_shardings = frozen_inputs.load_conditioning(
+        config, workdir, mesh, rules, source
+    )
+    frozen, frozen_shardings = (
+        {**frozen, "autoencoder": ae_params},
+        {**frozen_shardings, "autoencoder": ae_shardings},
+    )
+    model = build_model(config, tokenizer, latent_scale, text_encoder)
     optimizer = make_optimizer(train_config)
     encoded = config.diffusion.encode_once
     if encoded:
@@ -284,7 +285,9 @@ def train(
         max_to_keep=config.train.max_to_keep,
         async_checkpointing=config.train.async_checkpointing,
     )
-    state, shardings = restore_or_create(config, model, checkpointer, mesh, rules, data_iterator)
+    state, shardings = restore_or_create(
+        config, model, checkpointer, mesh, rules, data_iterator, workdir=workdir
+    )
 
     step = jit_train_step(
         functools.partial(
@@ -297,7 +300,7 @@ def train(
         ),
         shardings,
         mesh,
-        ae_shardings,
+        frozen_shardings,
     )
     step_key = jax.random.fold_in(jax.random.key(config.seed), 12)
     writer = MetricsWriter(workdir, STAGE)
@@ -307,7 +310,7 @@ def train(
     def write_samples(step_number: int, current: TrainState) -> None:
         generator = Generator(
             model,
-            {**current.ema_params, "autoencoder": ae_params},
+            {**current.ema_params, **frozen},
             mesh,
             tokenizer,
             config.data.max_caption_length,
@@ -324,7 +327,7 @@ def train(
         config=config,
         mesh=mesh,
         state=state,
-        step_fn=lambda s, b: step(s, b, step_key, ae_params),
+        step_fn=lambda s, b: step(s, b, step_key, frozen),
         batches=batches,
         data_iterator=data_iterator,
         checkpointer=checkpointer,
@@ -345,16 +348,28 @@ def restore_or_create(
     rules,
     data_iterator: Any = None,
     step: int | None = None,
+    workdir: str = "",
 ) -> tuple[TrainState, Any]:
-    """The stage-2 state, restored from ``checkpointer`` when it holds one, else fresh."""
+    """The stage-2 state: restored from ``checkpointer`` when it holds one, else fresh,
+    starting from ``config.diffusion.unet.pretrained`` when that is set."""
     init_fn = functools.partial(
         init_state,
         model=model,
         optimizer=make_optimizer(config.diffusion.train),
         max_caption_length=config.data.max_caption_length,
     )
+    initial_params = None
+    if config.diffusion.unet.pretrained and checkpointer.latest_step() is None:
+        initial_params = {"unet": pretrained.initial_unet_params(config, workdir)}
     return state_lib.restore_or_create(
-        init_fn, state_lib.init_key(config.seed, 11), checkpointer, mesh, rules, data_iterator, step
+        init_fn,
+        state_lib.init_key(config.seed, 11, mesh.size),
+        checkpointer,
+        mesh,
+        rules,
+        data_iterator,
+        step,
+        initial_params=initial_params,
     )
 
 
@@ -366,34 +381,51 @@ def sampling_options(config: ml_collections.ConfigDict, **overrides) -> Sampling
         guidance_scale=float(s.guidance_scale),
         eta=float(s.eta),
         timestep_spacing=s.timestep_spacing,
+        steps_offset=s.steps_offset,
+        set_alpha_to_one=s.set_alpha_to_one,
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SamplingOptions(**values)
 
 
-def load_generator(workdir: str, mesh: Mesh, step: int | None = None) -> tuple[Generator, Any]:
-    """A Generator with the EMA params of a trained workdir (``step``: default the newest)."""
+def load_model(
+    workdir: str, mesh: Mesh, step: int | None = None, raw: bool = False
+) -> tuple[LatentDiffusion, dict, Any, ml_collections.ConfigDict]:
+    """The trained (or imported) model of a workdir, with every module's params on ``mesh``.
+
+    Args:
+      workdir: a workdir written by ``ldm-jax train`` or ``ldm-jax import``.
+      mesh: where to put the params.
+      step: the stage-2 checkpoint step (default: the newest).
+      raw: the online params instead of their EMA.
+
+    Returns:
+      (model, params {"unet", "autoencoder", maybe "text_encoder"}, tokenizer, config).
+    """
     config = config_lib.load_workdir_config(workdir)
     rules = mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
     checkpointer = Checkpointer(checkpoint_dir(workdir), async_checkpointing=False)
-    if checkpointer.latest_step() is None:
+    if checkpointer.latest_step() is None and not config.diffusion.unet.pretrained:
         raise FileNotFoundError(
             f"no stage-2 checkpoint in {checkpointer.directory}: train the "
             "diffusion stage first (ldm-jax train)"
         )
-    ae_params, _, latent_scale = load_autoencoder(config, workdir, mesh, rules)
-    tokenizer = None
-    if config.diffusion.conditioning == "text":
-        tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, data_lib.TOKENIZER_FILE))
-    model = build_model(config, tokenizer, latent_scale)
-    state, _ = restore_or_create(config, model, checkpointer, mesh, rules, step=step)
+    ae_params, _, latent_scale = frozen_inputs.load_autoencoder(config, workdir, mesh, rules)
+    tokenizer, text_encoder, frozen, _ = frozen_inputs.load_conditioning(
+        config, workdir, mesh, rules
+    )
+    model = build_model(config, tokenizer, latent_scale, text_encoder)
+    state, _ = restore_or_create(
+        config, model, checkpointer, mesh, rules, step=step, workdir=workdir
+    )
     checkpointer.close()
     log.info("loaded stage-2 step %d from %s", int(state.step), workdir)
-    generator = Generator(
-        model,
-        {**state.ema_params, "autoencoder": ae_params},
-        mesh,
-        tokenizer,
-        config.data.max_caption_length,
-    )
+    trained = state.params if raw else state.ema_params
+    return model, {**trained, **frozen, "autoencoder": ae_params}, tokenizer, config
+
+
+def load_generator(workdir: str, mesh: Mesh, step: int | None = None) -> tuple[Generator, Any]:
+    """A Generator with the EMA params of a trained workdir (``step``: default the newest)."""
+    model, params, tokenizer, config = load_model(workdir, mesh, step)
+    generator = Generator(model, params, mesh, tokenizer, config.data.max_caption_length)
     return generator, config

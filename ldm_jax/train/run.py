@@ -42,6 +42,9 @@ def train(
             f.write(config_lib.to_json(config))
     stages = {"autoencoder": autoencoder, "diffusion": diffusion}
     for name in ("autoencoder", "diffusion"):
+        if name == "autoencoder" and config.autoencoder.pretrained:
+            log.info("stage 1: using the pretrained autoencoder %s", config.autoencoder.pretrained)
+            continue
         if config.stage in ("both", name):
             state = stages[name].train(config, workdir, mesh, rules, should_stop)
             if int(state.step) < config[name].train.steps:

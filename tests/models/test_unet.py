@@ -99,6 +99,28 @@ def test_module_tree_mirrors_diffusers():
     assert not any(name.startswith("down_blocks_1/downsamplers") for name in shapes)
 
 
+def test_mid_block_without_attention_is_one_resnet_and_depth_can_vary_per_level():
+    # diffusers' UNet2DConditionModel builds its "UNetMidBlock2D" with a single resnet.
+    model = UNet(
+        **{**TINY, "attention_levels": (True, True)},
+        mid_block_attention=False,
+        transformer_depth=(2, 1),
+    )
+    variables = jax.eval_shape(model.init, KEY, *inputs())
+    params = nn.meta.unbox(variables)["params"]
+    assert set(params["mid_block"]) == {"resnets_0"}
+    blocks = lambda block: {name for name in block if name.startswith("transformer_blocks")}
+    assert blocks(params["down_blocks_0"]["attentions_0"]) == {
+        "transformer_blocks_0",
+        "transformer_blocks_1",
+    }
+    assert blocks(params["up_blocks_0"]["attentions_0"]) == {"transformer_blocks_0"}
+    assert blocks(params["up_blocks_1"]["attentions_0"]) == {
+        "transformer_blocks_0",
+        "transformer_blocks_1",
+    }
+
+
 @pytest.fixture(scope="module")
 def conditional():
     """A tiny U-Net with cross-attention, class labels and dropout, its params and inputs.
@@ -171,6 +193,7 @@ def test_dropout_draws_from_the_dropout_rng_in_training(conditional, training_lo
         (dict(), lambda: (np.zeros((1, 8, 8, 3)), np.zeros(1), None, None), "in_channels=4"),
         (dict(attention_levels=(True,)), lambda: inputs(), "attention_levels"),
         (dict(num_attention_heads=(2, 2, 2)), lambda: inputs(), "num_attention_heads"),
+        (dict(transformer_depth=(1, 1, 1)), lambda: inputs(), "transformer_depth"),
     ],
 )
 def test_invalid_inputs_raise_a_clear_error(fields, make_inputs, message):

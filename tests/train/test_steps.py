@@ -65,14 +65,15 @@ def _diffusion_step(config, mesh):
             shardings,
             sharding.batch_sharding(mesh),
             sharding.replicated(mesh),
-            ae_shardings.params["autoencoder"],
+            {"autoencoder": ae_shardings.params["autoencoder"]},
         ),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
     with jax.set_mesh(mesh):
-        new_state, metrics = step(state, batch, jax.random.key(2), ae_state.params["autoencoder"])
+        frozen = {"autoencoder": ae_state.params["autoencoder"]}
+        new_state, metrics = step(state, batch, jax.random.key(2), frozen)
     return sharding.to_host(new_state.params), float(metrics["loss"])
 
 

@@ -1,0 +1,238 @@
+"""CLIP text encoders in Hugging Face transformers' format: import and export.
+
+A transformers directory holds `config.json` (a `CLIPTextConfig`, or a full `CLIPModel`
+config whose `text_config` is used), `model.safetensors` (or a sharded index) and, for
+Stable Diffusion's `text_encoder/` + `tokenizer/` layout or a tokenizer saved beside the
+model, vocab.json + merges.txt. Weights are named as transformers' `text_model`;
+only the attention projections are renamed, both ways, by `ATTENTION_RENAMES`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.data.clip_tokenizer import (
+    FAST_TOKENIZER_FILE,
+    TOKENIZER_FILES,
+    VOCAB_FILE,
+    ClipTokenizer,
+)
+from ldm_jax.interop.convert import (
+    ImportedModel,
+    WeightsMismatchError,
+    flax_to_torch,
+    torch_to_flax,
+)
+from ldm_jax.interop.safetensors_io import find_weights_file, read_safetensors, write_safetensors
+from ldm_jax.models.clip import ACTIVATIONS, CLIPTextTransformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TEXT_MODEL_PREFIX = "text_model."
+# transformers' names of CLIP's attention projections -> this package's `Attention`.
+ATTENTION_RENAMES = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out.0"}
+TORCH_ATTENTION_NAMES = {ours: theirs for theirs, ours in ATTENTION_RENAMES.items()}
+TEXT_MODEL_TYPES = ("clip_text_model", "clip")
+# CLIPTextConfig's defaults, for configs that leave a field out.
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 512,
+    "pad_token_id": 1,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+}
+# Config fields the module has no field for, kept in `extras["config"]` for re-export.
+PASSTHROUGH_CONFIG_KEYS = ("projection_dim", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def rename_attention(text: str, renames: Mapping[str, str]) -> str:
+    """Renames the attention projections in a tensor name (or in a message naming some)."""
+    for old, new in renames.items():
+        text = text.replace(f".self_attn.{old}.", f".self_attn.{new}.")
+    return text
+
+
+def _read_text_config(path: str) -> dict[str, Any]:
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{config_path} not found: a CLIP text encoder directory needs the "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE} written by transformers' save_pretrained."
+        )
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    model_type = config.get("model_type", TEXT_MODEL_TYPES[0])
+    if model_type not in TEXT_MODEL_TYPES:
+        raise ValueError(
+            f"{config_path}: model_type={model_type!r} is not a CLIP text model "
+            f"(allowed: {list(TEXT_MODEL_TYPES)})."
+        )
+    text_config = {**CONFIG_DEFAULTS, **config.get("text_config", config)}
+    if text_config["hidden_act"] not in ACTIVATIONS:
+        raise ValueError(
+            f"{config_path}: hidden_act={text_config['hidden_act']!r} is not supported "
+            f"(allowed: {sorted(ACTIVATIONS)})."
+        )
+    if not isinstance(text_config["eos_token_id"], int):
+        raise ValueError(
+            f"{config_path}: eos_token_id must be one integer; got {text_config['eos_token_id']!r}."
+        )
+    if text_config["hidden_size"] % text_config["num_attention_heads"]:
+        raise ValueError(
+            f"{config_path}: num_attention_heads={text_config['num_attention_heads']} must "
+            f"divide hidden_size={text_config['hidden_size']}."
+        )
+    return text_config
+
+
+def text_model_weights(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Weights of the text transformer alone, named as a bare `CLIPTextModel`'s.
+
+    transformers writes them under `text_model.`, beside a projection or a vision tower
+    in `CLIPTextModelWithProjection` and `CLIPModel` files; a bare-named file is read as is.
+    """
+    if any(name.startswith(TEXT_MODEL_PREFIX) for name in tensors):
+        tensors = {
+            name.removeprefix(TEXT_MODEL_PREFIX): value
+            for name, value in tensors.items()
+            if name.startswith(TEXT_MODEL_PREFIX)
+        }
+    return {rename_attention(name, ATTENTION_RENAMES): value for name, value in tensors.items()}
+
+
+def load_clip_text_encoder(
+    path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32
+) -> ImportedModel:
+    """Loads a transformers CLIP text encoder directory.
+
+    Args:
+      path: the directory (`config.json` + `model.safetensors`, e.g. Stable Diffusion's
+        `text_encoder/`); a tokenizer is read from the directory itself or, in Stable
+        Diffusion's layout, from the sibling `tokenizer/`.
+      dtype: compute dtype of the module (params stay float32).
+
+    Returns:
+      An `ImportedModel` whose module is a `CLIPTextTransformer`; `extras` holds
+      `"tokenizer"` (a `ClipTokenizer`, or None without tokenizer files),
+      `"tokenizer_dir"` (where it was read, or None) and `"config"` (the config fields
+      `save_clip_text_encoder` writes back and `pooled_output` needs: `eos_token_id`, ...).
+
+    Raises:
+      FileNotFoundError: config.json or the weights are missing.
+      ValueError: the config has a value this module does not support, naming the key.
+      WeightsMismatchError: the weights do not fit the config, naming the tensor and both
+        shapes.
+    """
+    path = os.fspath(path)
+    config = _read_text_config(path)
+    module = CLIPTextTransformer(
+        vocab_size=config["vocab_size"],
+        max_length=config["max_position_embeddings"],
+        width=config["hidden_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        mlp_width=config["intermediate_size"],
+        activation=config["hidden_act"],
+        layer_norm_eps=config["layer_norm_eps"],
+        dtype=dtype,
+    )
+    dummy_ids = jnp.zeros((1, module.max_length), jnp.int32)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), dummy_ids)["params"]
+    weights = read_safetensors(find_weights_file(path, ("model",)))
+    try:
+        params = torch_to_flax(
+            text_model_weights(weights),
+            abstract,
+            ignore=("position_ids",),
+            what=f"CLIP text encoder {path}:",
+        )
+    except WeightsMismatchError as error:
+        # Name the tensors as the file does (q_proj, ...), not as this package does.
+        raise WeightsMismatchError(rename_attention(str(error), TORCH_ATTENTION_NAMES)) from None
+    tokenizer_dir = _find_tokenizer_dir(path)
+    tokenizer = (
+        ClipTokenizer.from_directory(tokenizer_dir, max_length=module.max_length)
+        if tokenizer_dir
+        else None
+    )
+    extras = {
+        "tokenizer": tokenizer,
+        "tokenizer_dir": tokenizer_dir,
+        "config": {key: config[key] for key in PASSTHROUGH_CONFIG_KEYS},
+    }
+    return ImportedModel(module=module, params=params, extras=extras)
+
+
+def _find_tokenizer_dir(path: str) -> str | None:
+    sibling = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+    for candidate in (path, sibling):
+        if any(
+            os.path.isfile(os.path.join(candidate, n)) for n in (VOCAB_FILE, FAST_TOKENIZER_FILE)
+        ):
+            return candidate
+    return None
+
+
+def save_clip_text_encoder(
+    module: CLIPTextTransformer,
+    params: Any,
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
+) -> None:
+    """Writes a directory `transformers.CLIPTextModel.from_pretrained(out_dir)` loads.
+
+    Args:
+      module: the text transformer; its fields become the config's architecture.
+      params: its parameter tree.
+      out_dir: the directory to write (created if missing).
+      tokenizer_dir: a tokenizer directory whose files (vocab.json, merges.txt and the
+        special-token JSON files present) are copied beside the model.
+      config: further config fields (`extras["config"]` of `load_clip_text_encoder`:
+        `eos_token_id`, ...); CLIP's defaults otherwise.
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    passthrough = {key: CONFIG_DEFAULTS[key] for key in PASSTHROUGH_CONFIG_KEYS}
+    text_config = {
+        "architectures": ["CLIPTextModel"],
+        "model_type": TEXT_MODEL_TYPES[0],
+        **passthrough,
+        **(config or {}),
+        "vocab_size": module.vocab_size,
+        "max_position_embeddings": module.max_length,
+        "hidden_size": module.width,
+        "num_hidden_layers": module.num_layers,
+        "num_attention_heads": module.num_heads,
+        "intermediate_size": module.mlp_width,
+        "hidden_act": module.activation,
+        "layer_norm_eps": module.layer_norm_eps,
+    }
+    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(text_config, f, indent=2, sort_keys=True)
+    state_dict = {
+        TEXT_MODEL_PREFIX + rename_attention(name, TORCH_ATTENTION_NAMES): value
+        for name, value in flax_to_torch(params).items()
+    }
+    write_safetensors(state_dict, os.path.join(out_dir, WEIGHTS_FILE))
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            source = os.path.join(os.fspath(tokenizer_dir), name)
+            if os.path.isfile(source):
+                shutil.copyfile(source, os.path.join(out_dir, name))

@@ -1,0 +1,184 @@
+"""Whole pipelines: diffusers' `model_index.json` layout in, and out.
+
+A diffusers pipeline directory holds one folder per component (`unet/`, `vae/`,
+`text_encoder/`, `tokenizer/`, `scheduler/`). `load_diffusers_pipeline` reads the ones a
+latent diffusion model needs; `save_diffusers_pipeline` writes them back in the same layout,
+loadable by `diffusers.StableDiffusionPipeline.from_pretrained` when the text encoder is CLIP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from ldm_jax.data.clip_tokenizer import TOKENIZER_FILES
+from ldm_jax.interop import clip as clip_interop
+from ldm_jax.interop import diffusers as diffusers_interop
+from ldm_jax.interop.convert import ImportedModel
+from ldm_jax.interop.diffusers_config import DIFFUSERS_VERSION
+
+# diffusers' beta_schedule / prediction_type names to ours, and back.
+BETA_SCHEDULES = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "squaredcos_cap_v2": "cosine",
+}
+PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
+
+
+def _invert(table: dict[str, str]) -> dict[str, str]:
+    return {ours: theirs for theirs, ours in table.items()}
+
+
+def schedule_from_scheduler_config(config: dict) -> dict[str, Any]:
+    """Our schedule settings from a diffusers `scheduler_config.json`.
+
+    Raises:
+      ValueError: a beta schedule or prediction type we do not have (named).
+    """
+    beta_schedule = config.get("beta_schedule", "linear")
+    prediction_type = config.get("prediction_type", "epsilon")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(
+            f"scheduler_config.json: beta_schedule={beta_schedule!r} is not supported; "
+            f"supported: {sorted(BETA_SCHEDULES)}"
+        )
+    if config.get("trained_betas") is not None:
+        raise ValueError("scheduler_config.json: trained_betas are not supported")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"scheduler_config.json: prediction_type={prediction_type!r} is not supported; "
+            f"supported: {sorted(PREDICTION_TYPES)}"
+        )
+    return dict(
+        schedule=BETA_SCHEDULES[beta_schedule],
+        num_timesteps=int(config.get("num_train_timesteps", 1000)),
+        beta_start=float(config.get("beta_start", 0.0001)),
+        beta_end=float(config.get("beta_end", 0.02)),
+        prediction_type=PREDICTION_TYPES[prediction_type],
+        timestep_spacing=config.get("timestep_spacing", "leading"),
+        steps_offset=int(config.get("steps_offset", 0)),
+        set_alpha_to_one=bool(config.get("set_alpha_to_one", True)),
+    )
+
+
+def scheduler_config(schedule: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers DDIMScheduler config for our schedule settings (the keys of the above)."""
+    return {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "beta_schedule": _invert(BETA_SCHEDULES)[schedule["schedule"]],
+        "beta_start": schedule["beta_start"],
+        "beta_end": schedule["beta_end"],
+        "num_train_timesteps": schedule["num_timesteps"],
+        "prediction_type": _invert(PREDICTION_TYPES)[schedule["prediction_type"]],
+        "timestep_spacing": schedule["timestep_spacing"],
+        "steps_offset": schedule["steps_offset"],
+        "clip_sample": False,
+        "set_alpha_to_one": schedule["set_alpha_to_one"],
+    }
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_diffusers_pipeline(path: str) -> dict[str, Any]:
+    """Reads a diffusers pipeline directory (`model_index.json` layout).
+
+    Returns:
+      {"unet": ImportedModel, "vae": ImportedModel (extras: scaling_factor),
+      "text_encoder": ImportedModel or None, "tokenizer": the tokenizer folder or None,
+      "schedule": our schedule settings (see `schedule_from_scheduler_config`),
+      "sample_size": the U-Net's latent size}.
+
+    Raises:
+      FileNotFoundError: `model_index.json` or a component is missing (named).
+    """
+    index = _read_json(os.path.join(path, "model_index.json"))
+    for component in ("unet", "vae"):
+        if component not in index:
+            raise FileNotFoundError(f"{path}/model_index.json lists no {component!r} component")
+    unet = diffusers_interop.load_diffusers_unet(os.path.join(path, "unet"))
+    sample_size = _read_json(os.path.join(path, "unet", "config.json")).get("sample_size") or 64
+    vae = diffusers_interop.load_diffusers_vae(os.path.join(path, "vae"))
+    text_encoder, tokenizer = None, None
+    if index.get("text_encoder", [None])[0] is not None:
+        text_encoder = clip_interop.load_clip_text_encoder(os.path.join(path, "text_encoder"))
+        tokenizer = os.path.join(path, "tokenizer")
+        if not os.path.isdir(tokenizer):
+            raise FileNotFoundError(f"{tokenizer} not found: the pipeline's CLIP tokenizer")
+    scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
+    schedule = schedule_from_scheduler_config(
+        _read_json(scheduler) if os.path.isfile(scheduler) else {}
+    )
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        sample_size=int(sample_size),
+    )
+
+
+def copy_tokenizer(source: str, out_dir: str) -> None:
+    """Copies the tokenizer files of `source` that exist into `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
+
+
+def save_diffusers_pipeline(
+    out_dir: str,
+    *,
+    unet: ImportedModel,
+    vae: ImportedModel,
+    schedule: dict[str, Any],
+    text_encoder: ImportedModel | None = None,
+    tokenizer: str | None = None,
+) -> None:
+    """Writes a pipeline directory: `unet/`, `vae/`, `scheduler/`, and with a CLIP text
+    encoder `text_encoder/`, `tokenizer/` and a `model_index.json` for
+    `StableDiffusionPipeline`."""
+    os.makedirs(out_dir, exist_ok=True)
+    diffusers_interop.save_diffusers_unet(
+        unet.module,
+        unet.params,
+        os.path.join(out_dir, "unet"),
+        sample_size=unet.extras.get("sample_size"),
+    )
+    diffusers_interop.save_diffusers_vae(
+        vae.module, vae.params, os.path.join(out_dir, "vae"), vae.extras["scaling_factor"]
+    )
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(scheduler_config(schedule), f, indent=2)
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    if text_encoder is not None:
+        clip_interop.save_clip_text_encoder(
+            text_encoder.module,
+            text_encoder.params,
+            os.path.join(out_dir, "text_encoder"),
+            config=text_encoder.extras.get("config"),
+        )
+        copy_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer"))
+        index["text_encoder"] = ["transformers", "CLIPTextModel"]
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    with open(os.path.join(out_dir, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)

@@ -1,0 +1,111 @@
+"""Reading and writing safetensors files, and refusing every pickled format.
+
+Weights come in as `{name: numpy array}` dicts in PyTorch's layout and naming; nothing on
+any load path unpickles: `.ckpt`, `.pt`, `.pth` and `.bin` files (and any file whose first
+bytes are a pickle or a zip archive, the format of `torch.save`) are refused with the
+command that converts them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# A pickle starts with the PROTO opcode 0x80; torch.save writes a zip archive ("PK").
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
+
+CONVERT_HINT = (
+    "Pickled checkpoints can run arbitrary code when loaded, so ldm_jax never opens them. "
+    "Convert it once, in an environment you trust, to safetensors:\n"
+    '  python -c "import torch, safetensors.torch as st; '
+    "sd = torch.load('{path}', map_location='cpu', weights_only=True); "
+    "sd = sd.get('state_dict', sd); "
+    "st.save_file({{k: v.contiguous() for k, v in sd.items() "
+    "if isinstance(v, torch.Tensor)}}, '{stem}.safetensors')\"\n"
+    "(a diffusers or transformers directory converts with "
+    "`save_pretrained(out_dir, safe_serialization=True)`)."
+)
+
+
+class PickleRefusedError(ValueError):
+    """A pickled weights file was given; the message says how to convert it."""
+
+
+def refuse_pickle(path: str) -> None:
+    """Raises `PickleRefusedError` if `path` is a pickled (or torch zip) file."""
+    is_pickle = path.lower().endswith(PICKLE_SUFFIXES)
+    if not is_pickle and os.path.isfile(path):
+        with open(path, "rb") as f:
+            head = f.read(9)
+        # A safetensors file starts with an 8-byte header length (any first byte, 0x80
+        # included) followed by the JSON header's "{".
+        is_safetensors = head[8:9] == b"{"
+        is_pickle = not is_safetensors and any(head.startswith(m) for m in _PICKLE_MAGIC)
+    if is_pickle:
+        stem = os.path.splitext(path)[0]
+        raise PickleRefusedError(
+            f"{path} is a pickled checkpoint. " + CONVERT_HINT.format(path=path, stem=stem)
+        )
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file, or of a sharded set through its index JSON.
+
+    Args:
+      path: a `.safetensors` file, or a `*.safetensors.index.json` index of shards.
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      PickleRefusedError: `path` is a pickled checkpoint.
+      ValueError: the file is not valid safetensors.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file {path} not found")
+    refuse_pickle(path)
+    if path.endswith(".index.json"):
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(read_safetensors(os.path.join(os.path.dirname(path), shard)))
+        return tensors
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own untyped errors on bad headers
+        raise ValueError(f"{path} is not a valid safetensors file: {error}") from error
+
+
+def write_safetensors(
+    tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Writes `tensors` (contiguous copies) to `path`, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    contiguous = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    save_file(contiguous, path, metadata=dict(metadata or {"format": "pt"}))
+
+
+def find_weights_file(directory: str, stems: tuple[str, ...]) -> str:
+    """The safetensors weights in `directory`: `<stem>.safetensors` or its sharded index.
+
+    Raises:
+      FileNotFoundError: none found; the message lists what the directory has, and says
+        when only pickled weights are there.
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} is not a directory")
+    for stem in stems:
+        for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json"):
+            candidate = os.path.join(directory, name)
+            if os.path.isfile(candidate):
+                return candidate
+    present = sorted(os.listdir(directory))
+    pickled = [name for name in present if name.lower().endswith(PICKLE_SUFFIXES)]
+    if pickled:
+        refuse_pickle(os.path.join(directory, pickled[0]))
+    expected = ", ".join(f"{stem}.safetensors" for stem in stems)
+    raise FileNotFoundError(f"no {expected} in {directory} (it has: {present})")

@@ -1,0 +1,110 @@
+"""The full-size Stable Diffusion 1.5 U-Net: the real shapes, created sharded on 8 devices."""
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from ldm_jax import config as config_lib
+from ldm_jax.interop import diffusers as diffusers_interop
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.parallel import sharding
+from tests.conftest import load_config
+
+SD15_UNET_PARAMETERS = 859_520_964
+
+
+def _abstract_init(unet):
+    def init(key):
+        latents = jnp.zeros((1, 64, 64, 4), jnp.float32)
+        context = jnp.zeros((1, 77, 768), jnp.float32)
+        return unet.init(key, latents, jnp.zeros((1,), jnp.int32), context)["params"]
+
+    return init
+
+
+def test_sd15_unet_has_diffusers_parameter_count_and_is_created_sharded():
+    config = load_config("sd15")
+    unet = config_lib.build_unet(config)
+    init = _abstract_init(unet)
+    # threefry, as training uses on a mesh: its draws are partitioned over the devices.
+    key = jax.random.key(0)
+    ours = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(jax.eval_shape(init, key)))
+
+    with torch.device("meta"):
+        reference = diffusers.UNet2DConditionModel(
+            **{
+                k: v
+                for k, v in diffusers_interop.unet_to_diffusers_config(unet).items()
+                if not k.startswith("_")
+            }
+        )
+    theirs = sum(p.numel() for p in reference.parameters())
+    assert ours == theirs == SD15_UNET_PARAMETERS
+
+    mesh = mesh_lib.create_mesh(data=1, fsdp=8, tensor=1)
+    rules = mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
+    params, shardings = sharding.create_sharded(init, mesh, rules, key)
+    leaves = jax.tree.leaves(params)
+    assert sum(leaf.size for leaf in leaves) == SD15_UNET_PARAMETERS
+    # No device holds the whole model: the big kernels are split 8 ways over fsdp.
+    on_first_device = sum(
+        shard.data.size
+        for leaf in leaves
+        for shard in leaf.addressable_shards
+        if shard.device == jax.devices()[0]
+    )
+    assert on_first_device < SD15_UNET_PARAMETERS / 6
+    kernel = params["down_blocks_1"]["attentions_0"]["transformer_blocks_0"]["ff"]["net_2"][
+        "kernel"
+    ]
+    assert kernel.shape == (2560, 640)  # ("mlp", "embed"): embed goes over fsdp
+    assert kernel.addressable_shards[0].data.shape == (2560, 640 // 8)
+
+
+def _diffusers_count(model_class, config: dict) -> int:
+    with torch.device("meta"):
+        model = model_class(**{k: v for k, v in config.items() if not k.startswith("_")})
+    return sum(p.numel() for p in model.parameters())
+
+
+def _count(init, key) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(jax.eval_shape(init, key)))
+
+
+def test_sd2_unet_config_is_diffusers_sd2_architecture():
+    config = load_config("sd15", "v2")
+    unet = config_lib.build_unet(config)
+    assert unet.heads_per_level == (5, 10, 20, 20)  # 64-wide heads
+
+    def init(key):
+        latents = jnp.zeros((1, 96, 96, 4), jnp.float32)
+        context = jnp.zeros((1, 77, 1024), jnp.float32)
+        return unet.init(key, latents, jnp.zeros((1,), jnp.int32), context)["params"]
+
+    ours = _count(init, jax.random.key(0, impl="rbg"))
+    theirs = _diffusers_count(
+        diffusers.UNet2DConditionModel, diffusers_interop.unet_to_diffusers_config(unet)
+    )
+    assert ours == theirs == 865_910_724
+
+
+@pytest.mark.parametrize("variant", ["f4", "f8"])
+def test_compvis_autoencoder_configs_match_diffusers_counts(variant):
+    config = load_config("autoencoder_kl", variant)
+    vae = config_lib.build_autoencoder(config)
+    assert vae.downsample_factor == int(variant[1])
+
+    def init(key):
+        images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+        return vae.init(key, images, False)["params"]
+
+    ours = _count(init, jax.random.key(0, impl="rbg"))
+    theirs = _diffusers_count(
+        diffusers.AutoencoderKL, diffusers_interop.vae_to_diffusers_config(vae, 0.18215)
+    )
+    assert ours == theirs
+    if variant == "f8":
+        assert ours == 83_653_863  # Stable Diffusion's autoencoder

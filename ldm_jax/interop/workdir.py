@@ -20,7 +20,6 @@ import ml_collections
 from ldm_jax import config as config_lib
 from ldm_jax import pretrained
 from ldm_jax.interop import clip as clip_interop
-from ldm_jax.interop import diffusers as diffusers_interop
 from ldm_jax.interop import single_file
 from ldm_jax.interop.convert import ImportedModel
 from ldm_jax.interop.formats import EXPORT_FORMATS, IMPORT_FORMATS
@@ -112,36 +111,23 @@ def workdir_config(
 
 
 def _write_workdir(
-    workdir: str,
-    config: ml_collections.ConfigDict,
-    unet: ImportedModel,
-    vae: ImportedModel,
-    text_encoder: ImportedModel | None,
-    tokenizer: str | None,
+    workdir: str, config: ml_collections.ConfigDict, pipeline: dict[str, Any]
 ) -> None:
+    """The weights as a diffusers pipeline folder (the workdir is one) plus config.json."""
     config_lib.validate(config, jax.device_count())
     if os.path.exists(os.path.join(workdir, "config.json")):
         raise FileExistsError(
             f"{workdir} already holds a run (config.json): import into a new --workdir"
         )
-    os.makedirs(workdir, exist_ok=True)
-    diffusers_interop.save_diffusers_unet(
-        unet.module,
-        unet.params,
-        os.path.join(workdir, "unet"),
-        sample_size=config.data.image_size // vae.module.downsample_factor,
+    unet = pipeline["unet"]
+    save_diffusers_pipeline(
+        workdir,
+        unet=ImportedModel(unet.module, unet.params, {"sample_size": pipeline["sample_size"]}),
+        vae=pipeline["vae"],
+        schedule=pipeline["schedule"],
+        text_encoder=pipeline["text_encoder"],
+        tokenizer=pipeline["tokenizer"],
     )
-    diffusers_interop.save_diffusers_vae(
-        vae.module, vae.params, os.path.join(workdir, "vae"), vae.extras["scaling_factor"]
-    )
-    if text_encoder is not None:
-        clip_interop.save_clip_text_encoder(
-            text_encoder.module,
-            text_encoder.params,
-            os.path.join(workdir, "text_encoder"),
-            config=text_encoder.extras.get("config"),
-        )
-        copy_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config_lib.to_json(config))
 
@@ -176,14 +162,7 @@ def import_model(
         pipeline["schedule"],
         pipeline["sample_size"],
     )
-    _write_workdir(
-        workdir,
-        config,
-        pipeline["unet"],
-        pipeline["vae"],
-        pipeline["text_encoder"],
-        pipeline["tokenizer"],
-    )
+    _write_workdir(workdir, config, pipeline)
     return (
         f"imported {path} into {workdir}; draw with `ldm-jax sample --workdir={workdir} "
         f"--prompt=...`, fine-tune with `ldm-jax train --config=configs/workdir.py:{workdir} "

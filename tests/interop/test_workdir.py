@@ -1,6 +1,7 @@
 """`ldm-jax import` / `export` on a whole (tiny, random) Stable Diffusion pipeline."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,12 +12,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 
 from ldm_jax.generate import SamplingOptions
 from ldm_jax.interop import single_file
+from ldm_jax.interop.diffusers import load_diffusers_unet
 from ldm_jax.interop.workdir import export_workdir, import_model
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.train.diffusion import load_generator
+from ldm_jax.train.run import train
+from tests.conftest import load_config
 from tests.interop.test_clip_interop import write_byte_level_tokenizer
 
 WIDTH = 32
@@ -196,3 +201,29 @@ def test_cli_refuses_a_pickle_with_the_conversion_command(tmp_path):
     assert result.returncode == 2
     assert "safetensors" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_imported_workdir_fine_tunes_from_its_weights(workdir, tmp_path):
+    """`ldm-jax train --config=configs/workdir.py:DIR` starts stage 2 from the imported U-Net."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text("a red circle")
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    config = load_config("workdir", str(run))
+    config.data.source, config.data.path = "image_folder", str(images)
+    config.diffusion.train.update(steps=1, batch_size=8, learning_rate=1e-4, warmup_steps=1)
+    config.train.sample_every = 0
+    config.sample.update(num=2, num_steps=2)
+    assert train(config, str(run))
+
+    mesh = mesh_lib.create_mesh(data=-1, fsdp=1, tensor=1)
+    generator, _ = load_generator(str(run), mesh)
+    tuned = jax.tree.leaves(jax.device_get(generator.params["unet"]))
+    imported = jax.tree.leaves(load_diffusers_unet(str(workdir / "unet")).params)
+    changes = [np.max(np.abs(a - b)) for a, b in zip(tuned, imported, strict=True)]
+    # One small AdamW step away from the imported weights (a fresh init would be far off).
+    assert 0 < max(changes) < 1e-3

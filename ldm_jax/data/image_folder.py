@@ -137,7 +137,8 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self._files)
 
-    def _caption(self, index: int) -> str:
+    def caption(self, index: int) -> str:
+        """The caption of image `index`, read without decoding the image."""
         caption_file = (self.root / self._files[index]).with_suffix(".txt")
         if caption_file.is_file():
             return caption_file.read_text(encoding="utf-8").strip()
@@ -159,7 +160,7 @@ class ImageFolderSource:
             return {
                 "image": pixels,
                 "label": np.int32(self._labels[candidate]),
-                "caption": self._caption(candidate),
+                "caption": self.caption(candidate),
             }
         raise ValueError(f"no image under {self.root} can be decoded: {_PATH_HINT}.")
 

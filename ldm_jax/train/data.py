@@ -36,6 +36,8 @@ def caption_words(data: ml_collections.ConfigDict, source: Any) -> list[str]:
     """Every caption text the tokenizer has to know (the shapes vocabulary is known exactly)."""
     if data.source == "shapes":
         return shapes.caption_vocabulary()
+    if isinstance(source, ImageFolderSource):  # captions without decoding every image
+        return [source.caption(i) for i in range(len(source))]
     return [str(source[i]["caption"]) for i in range(len(source))]
 
 

@@ -68,6 +68,9 @@ def test_classes_captions_and_rgb_conversion(folder, caplog):
     assert (c["image"] == 90).all()  # grayscale expanded
     assert (d["image"][0, 0] == 255).all() and (d["image"][1, 1] == (0, 0, 255)).all()  # alpha
     assert (e["image"] == _RED).all()  # palette
+    assert [source.caption(i) for i in range(len(source))] == [
+        r["caption"] for r in (a, b, d, c, e)
+    ]
     assert source.num_unreadable == 1
     assert "1 unreadable" in caplog.text and "broken.png" in caplog.text
 

@@ -16,7 +16,7 @@ from tests.conftest import load_config
 SD15_UNET_PARAMETERS = 859_520_964
 
 
-def _abstract_init(unet):
+def _sd15_init(unet):
     def init(key):
         latents = jnp.zeros((1, 64, 64, 4), jnp.float32)
         context = jnp.zeros((1, 77, 768), jnp.float32)
@@ -28,20 +28,13 @@ def _abstract_init(unet):
 def test_sd15_unet_has_diffusers_parameter_count_and_is_created_sharded():
     config = load_config("sd15")
     unet = config_lib.build_unet(config)
-    init = _abstract_init(unet)
+    init = _sd15_init(unet)
     # threefry, as training uses on a mesh: its draws are partitioned over the devices.
     key = jax.random.key(0)
-    ours = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(jax.eval_shape(init, key)))
-
-    with torch.device("meta"):
-        reference = diffusers.UNet2DConditionModel(
-            **{
-                k: v
-                for k, v in diffusers_interop.unet_to_diffusers_config(unet).items()
-                if not k.startswith("_")
-            }
-        )
-    theirs = sum(p.numel() for p in reference.parameters())
+    ours = _count(init, key)
+    theirs = _diffusers_count(
+        diffusers.UNet2DConditionModel, diffusers_interop.unet_to_diffusers_config(unet)
+    )
     assert ours == theirs == SD15_UNET_PARAMETERS
 
     mesh = mesh_lib.create_mesh(data=1, fsdp=8, tensor=1)

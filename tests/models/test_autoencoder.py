@@ -1,4 +1,4 @@
-"""The KL autoencoder and its Gaussian posterior."""
+"""The KL and VQ autoencoders, their latents, per-level attention and decoder features."""
 
 import flax
 import flax.linen as nn
@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.models import AutoencoderKL, DiagonalGaussian
+from ldm_jax.models.autoencoder import (
+    AutoencoderKL,
+    DeterministicLatent,
+    DiagonalGaussian,
+    VQAutoencoder,
+)
+from ldm_jax.models.layers import conv
 
 # rbg keys compile far faster than threefry on CPU, and compiling dominates these tests.
 KEY = jax.random.key(0, impl="rbg")
@@ -72,6 +78,52 @@ def test_module_tree_mirrors_diffusers():
     assert not any("time_emb_proj" in name for name in shapes)
     assert not any(name.startswith("decoder/up_blocks_1/upsamplers") for name in shapes)
     assert not any(name.startswith("decoder/up_blocks_0/resnets_2") for name in shapes)
+
+
+def param_shapes(model, x):
+    variables = nn.meta.unbox(jax.eval_shape(model.init, RNGS, x))
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): leaf.shape
+        for path, leaf in jax.tree.leaves_with_path(variables["params"])
+    }
+
+
+def test_default_tree_has_attention_only_in_the_mid_blocks():
+    shapes = param_shapes(AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4), images())
+    # The parameter count of diffusers' AutoencoderKL with this configuration.
+    assert sum(np.prod(shape) for shape in shapes.values()) == 43711
+    assert all("mid_block" in name for name in shapes if "attentions" in name)
+
+
+def test_attention_levels_add_attention_after_each_resnet_of_those_levels():
+    model = AutoencoderKL(
+        block_out_channels=(8, 16),
+        layers_per_block=2,
+        norm_num_groups=4,
+        attention_levels=(True, False),
+    )
+    shapes = param_shapes(model, images())
+    level_attention = {
+        name.removesuffix("/to_q/kernel")
+        for name in shapes
+        if name.endswith("/to_q/kernel") and "mid_block" not in name
+    }
+    # Level 0 (8 channels) is the encoder's first and the decoder's last block.
+    assert level_attention == {
+        "encoder/down_blocks_0/attentions_0",
+        "encoder/down_blocks_0/attentions_1",
+        "decoder/up_blocks_1/attentions_0",
+        "decoder/up_blocks_1/attentions_1",
+        "decoder/up_blocks_1/attentions_2",
+    }
+    assert shapes["encoder/down_blocks_0/attentions_1/to_q/kernel"] == (8, 8)
+    assert shapes["decoder/up_blocks_1/attentions_2/group_norm/scale"] == (8,)
+
+
+def test_attention_levels_of_the_wrong_length_raise_a_clear_error():
+    model = AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, attention_levels=(True,))
+    with pytest.raises(ValueError, match="one entry per entry of block_out_channels"):
+        jax.eval_shape(model.init, RNGS, images())
 
 
 def test_mid_block_attention_can_be_left_out():
@@ -154,3 +206,90 @@ def test_forward_samples_the_posterior_with_the_sample_rng(tiny_autoencoder):
     assert np.abs(np.asarray(first - other)).max() > 1e-4
     with pytest.raises(flax.errors.InvalidRngError):
         jax.eval_shape(lambda: model.apply(params, images()))
+
+
+def test_decoder_features_are_the_input_of_conv_out(tiny_autoencoder):
+    model, params = tiny_autoencoder
+    latents = jnp.asarray(np.random.default_rng(3).normal(size=(2, 4, 4, 4)), jnp.float32)
+    decode = jax.jit(lambda latents: model.apply(params, latents, True, method=model.decode))
+    decoded, features = decode(latents)
+    assert features.shape == (2, 8, 8, 8)
+    assert np.all(np.asarray(features) >= -0.2785)  # silu's minimum: features are activated
+    conv_out = {"params": params["params"]["decoder"]["conv_out"]}
+    np.testing.assert_allclose(conv(3).apply(conv_out, features), decoded, atol=1e-6)
+
+
+def test_deterministic_latent_has_no_noise_and_no_kl():
+    latent = DeterministicLatent(mean=jnp.arange(24.0).reshape(2, 2, 2, 3))
+    np.testing.assert_array_equal(latent.sample(KEY), latent.mean)
+    np.testing.assert_array_equal(latent.mode(), latent.mean)
+    np.testing.assert_array_equal(latent.std, np.zeros((2, 2, 2, 3)))
+    np.testing.assert_array_equal(latent.kl(), np.zeros(2))
+
+
+@pytest.fixture(scope="module")
+def tiny_vq_autoencoder():
+    model = VQAutoencoder(
+        block_out_channels=(8,), norm_num_groups=4, num_embeddings=16, attention_levels=(True,)
+    )
+    # Random parameters of the right shapes: compiling the initialisers would cost seconds.
+    rng = np.random.default_rng(4)
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, RNGS, images()))
+    variables = jax.tree.map(
+        lambda leaf: rng.normal(scale=0.3, size=leaf.shape).astype(np.float32), shapes
+    )
+    return model, variables
+
+
+def test_vq_autoencoder_tree_mirrors_diffusers_vqmodel(tiny_vq_autoencoder):
+    model, variables = tiny_vq_autoencoder
+    params = variables["params"]
+    assert set(params) == {"encoder", "quant_conv", "quantize", "post_quant_conv", "decoder"}
+    assert params["quantize"]["embedding"].shape == (16, 4)
+    assert params["encoder"]["conv_out"]["kernel"].shape == (3, 3, 8, 4)  # no doubled channels
+    assert params["quant_conv"]["kernel"].shape == params["post_quant_conv"]["kernel"].shape
+    assert "attentions_0" in params["encoder"]["down_blocks_0"]
+    assert "attentions_1" in params["decoder"]["up_blocks_0"]
+    assert model.downsample_factor == 1
+
+
+def test_vq_decode_of_the_encoded_latent_is_the_quantised_reconstruction(tiny_vq_autoencoder):
+    model, variables = tiny_vq_autoencoder
+    x = images()
+
+    @jax.jit
+    def run(x):
+        latent = model.apply(variables, x, method=model.encode)
+        decoded = model.apply(variables, latent.mean, method=model.decode)
+        indices = model.apply(variables, x, method=model.encode_indices)
+        reconstruction, quantized, features = model.apply(
+            variables, x, train=False, return_features=True
+        )
+        return latent, decoded, indices, reconstruction, quantized, features
+
+    latent, decoded, indices, reconstruction, quantized, features = run(x)
+    assert latent.mean.shape == (2, 8, 8, 4)
+    np.testing.assert_array_equal(latent.kl(), np.zeros(2))
+    assert reconstruction.shape == decoded.shape == x.shape
+    assert features.shape == (2, 8, 8, 8)
+    np.testing.assert_allclose(decoded, reconstruction, atol=1e-6)
+    assert indices.shape == (2, 8, 8) and indices.dtype == jnp.int32
+    np.testing.assert_array_equal(indices, quantized.indices)
+    codebook = variables["params"]["quantize"]["embedding"]
+    np.testing.assert_allclose(quantized.quantized, codebook[indices], atol=1e-6)
+    assert np.isfinite(quantized.loss) and 1.0 <= quantized.perplexity <= 16.0
+
+
+def test_vq_training_loss_reaches_encoder_codebook_and_decoder(tiny_vq_autoencoder):
+    model, variables = tiny_vq_autoencoder
+    x = images()
+
+    def loss(params):
+        reconstruction, quantized = model.apply({"params": params}, x)
+        return jnp.mean(jnp.abs(reconstruction - x)) + quantized.loss
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    for part in ("encoder", "quant_conv", "quantize", "post_quant_conv", "decoder"):
+        part_grads = jax.tree.leaves(grads[part])
+        assert all(np.all(np.isfinite(g)) for g in part_grads)
+        assert any(np.any(g != 0) for g in part_grads), f"{part} gets no gradient"

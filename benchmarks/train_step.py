@@ -19,7 +19,6 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ldm_jax import config as config_lib
 from ldm_jax.data import shapes, tokenizer
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
@@ -68,26 +67,18 @@ def main(_):
         return jax.device_put(np.resize(images, (n, size, size, 3)), sharding.batch_sharding(mesh))
 
     rows = {}
-    ae_model = config_lib.build_autoencoder(config)
-    ae_optimizer = make_optimizer(config.autoencoder.train)
-    ae_init = functools.partial(
-        autoencoder.init_state, model=ae_model, optimizer=ae_optimizer, image_size=size
-    )
+    ae_init, ae_step = autoencoder.stage_functions(config)
     with jax.set_mesh(mesh):
         ae_state, _ = sharding.create_sharded(ae_init, mesh, rules, jax.random.key(0))
-        ae_step = functools.partial(
-            autoencoder.train_step,
-            model=ae_model,
-            optimizer=ae_optimizer,
-            kl_weight=1e-6,
-            ema_decay=0.999,
-        )
         ae_batch = config.autoencoder.train.batch_size
         ae_params = jax.tree.map(jnp.copy, ae_state.params["autoencoder"])
         rows["autoencoder"] = (
             ae_batch,
             *time_step(
-                ae_step, ae_state, ({"image": batch_of(ae_batch)}, jax.random.key(1)), _STEPS.value
+                ae_step,
+                ae_state,
+                ({"image": batch_of(ae_batch)}, jax.random.key(1), {}),
+                _STEPS.value,
             ),
         )
 
@@ -119,7 +110,11 @@ def main(_):
             *time_step(
                 step,
                 state,
-                ({"image": batch_of(dm_batch), "tokens": tokens}, jax.random.key(1), ae_params),
+                (
+                    {"image": batch_of(dm_batch), "tokens": tokens},
+                    jax.random.key(1),
+                    {"autoencoder": ae_params},
+                ),
                 _STEPS.value,
             ),
         )

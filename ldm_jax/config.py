@@ -11,7 +11,6 @@ import json
 import os
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 
 from ldm_jax.data.shapes import NUM_CLASSES
@@ -20,17 +19,20 @@ from ldm_jax.diffusion import (
     SAMPLERS,
     SCHEDULE_KINDS,
     TIMESTEP_SPACINGS,
-    NoiseSchedule,
-    make_schedule,
 )
-from ldm_jax.models import AutoencoderKL, TextEncoder, UNet
+from ldm_jax.models import (
+    DISCRIMINATOR_NORMS,
+)
 from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.train.gan import DISCRIMINATOR_LOSSES
 
 STAGES = ("both", "autoencoder", "diffusion")
 SOURCES = ("shapes", "image_folder", "tfds")
 CONDITIONINGS = ("text", "class", "none")
 TEXT_ENCODER_KINDS = ("scratch", "clip")
 DTYPES = ("float32", "bfloat16")
+AUTOENCODER_KINDS = ("kl", "vq")
+PIXEL_LOSSES = ("l1", "l2")
 
 
 class ConfigError(ValueError):
@@ -79,21 +81,57 @@ def base_config() -> ml_collections.ConfigDict:
             random_flip=False,
             worker_count=0,
             max_caption_length=12,
-            num_classes=0,
+            num_classes=0,  # class-conditional runs on real data set this; shapes knows its own
+            # A directory written by `ldm-jax cache-latents`: stage 2 reads its latents
+            # instead of encoding images (stage 1 must be the autoencoder that wrote it).
+            latent_cache="",
         )
-    )  # class-conditional runs on real data set this; shapes knows its own
+    )
 
     config.autoencoder = ml_collections.ConfigDict(
         dict(
+            # "kl": a Gaussian posterior with a KL penalty; "vq": a vector-quantised latent.
+            kind="kl",
             model=dict(
                 block_out_channels=(64, 128, 128),
                 layers_per_block=1,
                 latent_channels=4,
                 norm_num_groups=32,
                 mid_block_attention=True,
+                # One flag per level: self-attention after every resnet of that level (the
+                # CompVis attn_resolutions); empty: none.
+                attention_levels=(),
+                # VQ only: codebook size, commitment weight beta, EMA codebook updates, and
+                # the EMA usage under which a code is restarted from an encoder output.
+                num_embeddings=512,
+                commitment_beta=0.25,
+                codebook_ema=False,
+                codebook_ema_decay=0.99,
+                dead_code_threshold=0.0,
             ),
             train=_optimizer(steps=2000, batch_size=32, learning_rate=1e-3).to_dict(),
             kl_weight=1e-6,
+            loss=dict(
+                pixel="l1",
+                # LPIPS (VGG16) weights: one safetensors file made by
+                # `python -m ldm_jax.interop.lpips_weights`; empty: no perceptual term.
+                lpips_weights="",
+                perceptual_weight=1.0,
+                # Divide the reconstruction loss by a learned variance exp(logvar).
+                learn_logvar=True,
+                codebook_weight=1.0,
+                # Patch-GAN: off when disc_weight is 0; on from step disc_start.
+                disc_weight=0.0,
+                disc_start=0,
+                disc_loss="hinge",
+                disc_num_layers=3,
+                disc_channels=64,
+                disc_norm="batch",
+                # The discriminator's Adam: learning rate (0: the autoencoder's) and betas.
+                disc_learning_rate=0.0,
+                disc_b1=0.5,
+                disc_b2=0.9,
+            ),
             # The workdir where stage 2 finds the trained autoencoder; empty: this run's.
             workdir="",
             # A diffusers AutoencoderKL directory (config.json + safetensors) to use instead of
@@ -210,6 +248,21 @@ def _check_groups(key: str, channels, groups: int) -> None:
             )
 
 
+def _check_first_stage_loss(loss: ml_collections.ConfigDict) -> None:
+    _check_choice("autoencoder.loss.pixel", loss.pixel, PIXEL_LOSSES)
+    _check_choice("autoencoder.loss.disc_loss", loss.disc_loss, tuple(DISCRIMINATOR_LOSSES))
+    _check_choice("autoencoder.loss.disc_norm", loss.disc_norm, DISCRIMINATOR_NORMS)
+    if loss.lpips_weights and not os.path.isfile(loss.lpips_weights):
+        raise ConfigError(
+            f"config.autoencoder.loss.lpips_weights={loss.lpips_weights!r} is not a file; make "
+            "it with `python -m ldm_jax.interop.lpips_weights --vgg=... --heads=... --out=...` "
+            "or leave it empty to train without the perceptual loss"
+        )
+    for key in ("disc_weight", "disc_start", "perceptual_weight", "codebook_weight"):
+        if loss[key] < 0:
+            raise ConfigError(f"config.autoencoder.loss.{key}={loss[key]} must be >= 0")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks every value a run depends on; raises ConfigError naming the key and the fix."""
     _check_choice("stage", config.stage, STAGES)
@@ -232,11 +285,27 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             "config.data.source='tfds' needs a dataset: set --config.data.tfds_name "
             "(and --config.data.tfds_data_dir)"
         )
+    if data.latent_cache and not os.path.isfile(os.path.join(data.latent_cache, "metadata.json")):
+        raise ConfigError(
+            f"config.data.latent_cache={data.latent_cache!r} holds no metadata.json: write the "
+            "cache with `ldm-jax cache-latents --workdir=STAGE1_DIR --out=DIR` or unset "
+            "--config.data.latent_cache"
+        )
     if data.worker_count < 0:
         raise ConfigError(f"config.data.worker_count={data.worker_count} must be >= 0")
 
     ae = config.autoencoder
+    _check_choice("autoencoder.kind", ae.kind, AUTOENCODER_KINDS)
     _check_groups("autoencoder.model", ae.model.block_out_channels, ae.model.norm_num_groups)
+    levels = ae.model.attention_levels
+    if levels and len(levels) != len(ae.model.block_out_channels):
+        raise ConfigError(
+            f"config.autoencoder.model.attention_levels={tuple(levels)} needs one entry per "
+            f"entry of config.autoencoder.model.block_out_channels (or none at all)"
+        )
+    if ae.kind == "vq":
+        _check_positive("autoencoder.model.num_embeddings", ae.model.num_embeddings)
+    _check_first_stage_loss(ae.loss)
     factor = autoencoder_factor(config)
     if data.image_size % factor:
         raise ConfigError(
@@ -345,70 +414,6 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         )
     with open(path, encoding="utf-8") as f:
         return from_json(f.read())
-
-
-# ---------------------------------------------------------------------------------------------
-# Builders: the one place where config values become module fields.
-# ---------------------------------------------------------------------------------------------
-def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
-    return jnp.dtype(config.dtype)
-
-
-def build_autoencoder(config: ml_collections.ConfigDict) -> AutoencoderKL:
-    m = config.autoencoder.model
-    return AutoencoderKL(
-        block_out_channels=tuple(m.block_out_channels),
-        layers_per_block=m.layers_per_block,
-        latent_channels=m.latent_channels,
-        norm_num_groups=m.norm_num_groups,
-        mid_block_attention=m.mid_block_attention,
-        dtype=compute_dtype(config),
-    )
-
-
-def build_unet(config: ml_collections.ConfigDict) -> UNet:
-    dm = config.diffusion
-    u = dm.unet
-    channels = config.autoencoder.model.latent_channels
-    return UNet(
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=tuple(u.block_out_channels),
-        layers_per_block=u.layers_per_block,
-        attention_levels=tuple(bool(a) for a in u.attention_levels),
-        mid_block_attention=u.mid_block_attention,
-        num_attention_heads=(
-            tuple(c // u.attention_head_dim for c in u.block_out_channels)
-            if u.attention_head_dim > 0
-            else u.num_attention_heads
-        ),
-        transformer_depth=u.transformer_depth,
-        use_linear_projection=u.use_linear_projection,
-        flip_sin_to_cos=u.flip_sin_to_cos,
-        freq_shift=u.freq_shift,
-        context_dim=dm.text_encoder.width if dm.conditioning == "text" else None,
-        num_classes=num_classes(config) if dm.conditioning == "class" else None,
-        norm_num_groups=u.norm_num_groups,
-        dropout=u.dropout,
-        dtype=compute_dtype(config),
-    )
-
-
-def build_text_encoder(config: ml_collections.ConfigDict, vocab_size: int) -> TextEncoder:
-    t = config.diffusion.text_encoder
-    return TextEncoder(
-        vocab_size=vocab_size,
-        max_length=config.data.max_caption_length,
-        width=t.width,
-        num_layers=t.num_layers,
-        num_heads=t.num_heads,
-        dtype=compute_dtype(config),
-    )
-
-
-def build_schedule(config: ml_collections.ConfigDict) -> NoiseSchedule:
-    dm = config.diffusion
-    return make_schedule(dm.schedule, dm.num_timesteps, dm.beta_start, dm.beta_end)
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from ldm_jax import builders
 from ldm_jax import config as config_lib
 from ldm_jax.data.clip_tokenizer import ClipTokenizer
 from ldm_jax.interop import clip as clip_interop
@@ -61,7 +62,7 @@ def load_autoencoder(
     """The autoencoder of `config.autoencoder.pretrained`: (params, shardings, latent scale)."""
     path = resolve(workdir, config.autoencoder.pretrained)
     imported = diffusers_interop.load_diffusers_vae(path)
-    expected = config_lib.build_autoencoder(config)
+    expected = builders.build_autoencoder(config)
     _check_fields(
         "autoencoder",
         "config.autoencoder.pretrained",
@@ -99,7 +100,7 @@ def initial_unet_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Host params of `config.diffusion.unet.pretrained` for the U-Net the config describes."""
     path = resolve(workdir, config.diffusion.unet.pretrained)
     imported = diffusers_interop.load_diffusers_unet(path)
-    expected = config_lib.build_unet(config)
+    expected = builders.build_unet(config)
     _check_fields(
         "U-Net",
         "config.diffusion.unet.pretrained",

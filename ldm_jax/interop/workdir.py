@@ -270,6 +270,11 @@ def export_workdir(workdir: str, to: str, out: str, raw: bool = False) -> str:
     """Writes a workdir's model as a diffusers pipeline folder or one safetensors file."""
     if to not in EXPORT_FORMATS:
         raise ValueError(f"--to={to!r} is not a format; choose one of {EXPORT_FORMATS}")
+    if config_lib.load_workdir_config(workdir).autoencoder.kind != "kl":
+        raise ValueError(
+            f"{workdir} has a VQ autoencoder: export writes KL autoencoders (diffusers "
+            "AutoencoderKL, the Stable Diffusion single-file layout) only"
+        )
     if to == "diffusers":
         export_diffusers(workdir, out, raw)
         if config_lib.load_workdir_config(workdir).diffusion.text_encoder.kind == "scratch":

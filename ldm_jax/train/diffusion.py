@@ -16,8 +16,8 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from ldm_jax import builders, diffusion, pretrained
 from ldm_jax import config as config_lib
-from ldm_jax import diffusion, pretrained
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data import shapes, transforms
 from ldm_jax.data import tokenizer as tokenizer_lib
@@ -29,6 +29,7 @@ from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
 from ldm_jax.train import data as data_lib
 from ldm_jax.train import frozen as frozen_inputs
+from ldm_jax.train import latent_cache
 from ldm_jax.train import state as state_lib
 from ldm_jax.train.loop import jit_train_step, run_steps
 from ldm_jax.train.metrics import MetricsWriter
@@ -62,16 +63,16 @@ def build_model(
     null_condition = np.zeros((), np.int32)
     if conditioning == "text":
         if text_encoder is None:
-            text_encoder = config_lib.build_text_encoder(config, tokenizer.get_vocab_size())
+            text_encoder = builders.build_text_encoder(config, tokenizer.get_vocab_size())
         null_condition = tokenizer_lib.encode(tokenizer, [""], config.data.max_caption_length)[0]
     elif conditioning == "class":
         null_condition = np.asarray(config_lib.num_classes(config), np.int32)
     return LatentDiffusion(
         frozen_text_encoder=config.diffusion.text_encoder.kind == "clip",
-        unet=config_lib.build_unet(config),
-        autoencoder=config_lib.build_autoencoder(config),
+        unet=builders.build_unet(config),
+        autoencoder=builders.build_autoencoder(config),
         text_encoder=text_encoder,
-        schedule=config_lib.build_schedule(config),
+        schedule=builders.build_schedule(config),
         conditioning=conditioning,
         null_condition=null_condition,
         latent_shape=config_lib.latent_shape(config),
@@ -175,7 +176,7 @@ def train_step(
         cond_drop_prob=cond_drop_prob,
         min_snr_gamma=min_snr_gamma,
     )
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return apply_gradients(state, grads, optimizer, ema_decay), metrics
 
 
@@ -267,8 +268,10 @@ def train(
     )
     model = build_model(config, tokenizer, latent_scale, text_encoder)
     optimizer = make_optimizer(train_config)
-    encoded = config.diffusion.encode_once
-    if encoded:
+    encoded = config.diffusion.encode_once or bool(config.data.latent_cache)
+    if config.data.latent_cache:
+        source = latent_cache.open_for_training(config)
+    elif encoded:
         source = encode_dataset(config, source, model, ae_params, mesh)
     data_iterator, batches = data_lib.make_batches(
         config.data,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
@@ -38,14 +39,15 @@ def load_autoencoder(
             "checkpoint: run stage 1 first (--config.stage=both or autoencoder) or point "
             "--config.autoencoder.workdir at a workdir that has one"
         )
-    state, shardings = autoencoder_stage.restore_or_create(config, checkpointer, mesh, rules)
+    state, _ = autoencoder_stage.restore_or_create(config, checkpointer, mesh, rules)
     checkpointer.close()
-    params = state.ema_params["autoencoder"]
+    params = autoencoder_stage.inference_params(state)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
     scale = autoencoder_stage.read_latent_scale(ae_workdir, int(state.step))
     if scale is None:
         scale = autoencoder_stage.measure_latent_scale(config, params, mesh)
         autoencoder_stage.write_latent_scale(ae_workdir, scale, int(state.step))
-    return params, shardings.ema_params["autoencoder"], scale
+    return params, shardings, scale
 
 
 def load_conditioning(

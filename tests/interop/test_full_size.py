@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_jax import config as config_lib
+from ldm_jax import builders
 from ldm_jax.interop import diffusers as diffusers_interop
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
@@ -27,7 +27,7 @@ def _sd15_init(unet):
 
 def test_sd15_unet_has_diffusers_parameter_count_and_is_created_sharded():
     config = load_config("sd15")
-    unet = config_lib.build_unet(config)
+    unet = builders.build_unet(config)
     init = _sd15_init(unet)
     # threefry, as training uses on a mesh: its draws are partitioned over the devices.
     key = jax.random.key(0)
@@ -69,7 +69,7 @@ def _count(init, key) -> int:
 
 def test_sd2_unet_config_is_diffusers_sd2_architecture():
     config = load_config("sd15", "v2")
-    unet = config_lib.build_unet(config)
+    unet = builders.build_unet(config)
     assert unet.heads_per_level == (5, 10, 20, 20)  # 64-wide heads
 
     def init(key):
@@ -86,8 +86,8 @@ def test_sd2_unet_config_is_diffusers_sd2_architecture():
 
 @pytest.mark.parametrize("variant", ["f4", "f8"])
 def test_compvis_autoencoder_configs_match_diffusers_counts(variant):
-    config = load_config("autoencoder_kl", variant)
-    vae = config_lib.build_autoencoder(config)
+    config = load_config(f"autoencoder_kl_{variant}")
+    vae = builders.build_autoencoder(config)
     assert vae.downsample_factor == int(variant[1])
 
     def init(key):

@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import pytest
 
-from ldm_jax import config as config_lib
 from ldm_jax.data import shapes, tokenizer
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
@@ -45,12 +44,7 @@ def _diffusion_step(config, mesh):
         max_caption_length=config.data.max_caption_length,
     )
     state, shardings = sharding.create_sharded(init_fn, mesh, RULES, jax.random.key(0))
-    ae_fn = functools.partial(
-        autoencoder_stage.init_state,
-        model=model.autoencoder,
-        optimizer=make_optimizer(config.autoencoder.train),
-        image_size=config.data.image_size,
-    )
+    ae_fn, _ = autoencoder_stage.stage_functions(config)
     ae_state, ae_shardings = sharding.create_sharded(ae_fn, mesh, RULES, jax.random.key(1))
     step = jax.jit(
         functools.partial(
@@ -78,24 +72,16 @@ def _diffusion_step(config, mesh):
 
 
 def _autoencoder_step(config, mesh):
-    model = config_lib.build_autoencoder(config)
-    optimizer = make_optimizer(config.autoencoder.train)
-    init_fn = functools.partial(
-        autoencoder_stage.init_state,
-        model=model,
-        optimizer=optimizer,
-        image_size=config.data.image_size,
-    )
+    init_fn, step_fn = autoencoder_stage.stage_functions(config)
     state, shardings = sharding.create_sharded(init_fn, mesh, RULES, jax.random.key(0))
     step = jax.jit(
-        functools.partial(
-            autoencoder_stage.train_step,
-            model=model,
-            optimizer=optimizer,
-            kl_weight=1e-6,
-            ema_decay=0.99,
+        step_fn,
+        in_shardings=(
+            shardings,
+            sharding.batch_sharding(mesh),
+            sharding.replicated(mesh),
+            sharding.replicated(mesh),
         ),
-        in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
@@ -103,7 +89,7 @@ def _autoencoder_step(config, mesh):
         _images(config, config.autoencoder.train.batch_size), sharding.batch_sharding(mesh)
     )
     with jax.set_mesh(mesh):
-        new_state, metrics = step(state, {"image": images}, jax.random.key(2))
+        new_state, metrics = step(state, {"image": images}, jax.random.key(2), {})
     return sharding.to_host(new_state.params), float(metrics["loss"])
 
 

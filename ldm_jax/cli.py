@@ -3,7 +3,9 @@
 ldm-jax train    --config=configs/quickstart.py --workdir=DIR [--config.KEY=VALUE ...]
 ldm-jax sample   --workdir=DIR --prompt="a red circle" | --label=N  [--num --sampler --steps
                  --guidance --eta --seed --out]
-ldm-jax evaluate --workdir=DIR [--num_per_prompt --sampler --steps --guidance --seed]
+ldm-jax evaluate --workdir=DIR [--what=samples|reconstruction] [--num_per_prompt --sampler
+                 --steps --guidance --seed | --num_images --lpips_weights]
+ldm-jax cache-latents --workdir=STAGE1_DIR --out=DIR [--split=NAME]
 ldm-jax import   --from=diffusers|single-file|clip PATH --workdir=DIR [--tokenizer=DIR]
 ldm-jax export   --workdir=DIR --to=diffusers|safetensors --out=PATH [--raw]
 """
@@ -24,7 +26,7 @@ from ml_collections import config_flags
 from ldm_jax.diffusion import SAMPLERS
 from ldm_jax.interop.formats import EXPORT_FORMATS, IMPORT_FORMATS
 
-COMMANDS = ("train", "sample", "evaluate", "import", "export")
+COMMANDS = ("train", "sample", "evaluate", "cache-latents", "import", "export")
 # Commands that take one positional argument (the path to import).
 _POSITIONAL = {"import": "PATH"}
 
@@ -63,6 +65,24 @@ _PREDICTION_TYPE = flags.DEFINE_enum(
 )
 _TO = flags.DEFINE_enum("to", None, list(EXPORT_FORMATS), "Format to `export` to.")
 _RAW = flags.DEFINE_bool("raw", False, "`export` the online params instead of their EMA.")
+_WHAT = flags.DEFINE_enum(
+    "what",
+    "samples",
+    ["samples", "reconstruction"],
+    "`evaluate`: stage-2 samples, or stage-1 reconstructions (PSNR, SSIM, LPIPS).",
+)
+_NUM_IMAGES = flags.DEFINE_integer(
+    "num_images", 1024, "`evaluate --what=reconstruction`: validation images to reconstruct."
+)
+_LPIPS_WEIGHTS = flags.DEFINE_string(
+    "lpips_weights",
+    None,
+    "`evaluate --what=reconstruction`: LPIPS safetensors (default: the config's "
+    "autoencoder.loss.lpips_weights; none: no LPIPS).",
+)
+_SPLIT = flags.DEFINE_string(
+    "split", None, "`cache-latents`: the split to encode (default: config data.train_split)."
+)
 
 
 def _require_workdir() -> str:
@@ -133,6 +153,8 @@ def _sample() -> None:
 
 
 def _evaluate() -> None:
+    if _WHAT.value == "reconstruction":
+        return _evaluate_reconstruction()
     from ldm_jax.evaluate.samples import evaluate_samples
     from ldm_jax.train.diffusion import load_generator
 
@@ -147,6 +169,37 @@ def _evaluate() -> None:
     summary = {k: results[k] for k in ("colour_accuracy", "shape_accuracy", "both_accuracy")}
     print(json.dumps(summary))
     print(f"wrote {os.path.join(out, 'results.json')}")
+
+
+def _evaluate_reconstruction() -> None:
+    from ldm_jax.evaluate.first_stage import evaluate_workdir
+
+    workdir = _require_workdir()
+    if _NUM_IMAGES.value < 1:
+        raise ValueError(f"--num_images={_NUM_IMAGES.value} must be at least 1")
+    out = _OUT.value or os.path.join(workdir, "eval", "reconstruction")
+    results = evaluate_workdir(
+        workdir,
+        _sampling_mesh(),
+        out,
+        num_images=_NUM_IMAGES.value,
+        lpips_weights=_LPIPS_WEIGHTS.value,
+    )
+    print(json.dumps(results))
+    print(f"wrote {out}")
+
+
+def _cache_latents() -> None:
+    from ldm_jax.train.latent_cache import cache_latents_of_workdir
+
+    workdir = _require_workdir()
+    if not _OUT.value:
+        raise ValueError("--out is required: the directory to write the latent cache to")
+    metadata = cache_latents_of_workdir(workdir, _OUT.value, split=_SPLIT.value)
+    print(
+        f"wrote {metadata['num_records']} latents of shape {tuple(metadata['latent_shape'])} "
+        f"to {_OUT.value}; train stage 2 on them with --config.data.latent_cache={_OUT.value}"
+    )
 
 
 def _import(path: str) -> None:
@@ -189,6 +242,7 @@ def main(argv: list[str]) -> None:
         "train": _train,
         "sample": _sample,
         "evaluate": _evaluate,
+        "cache-latents": _cache_latents,
         "import": lambda: _import(positional[0]),
         "export": _export,
     }

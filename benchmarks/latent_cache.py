@@ -1,0 +1,136 @@
+"""Stage-2 training speed from a latent cache against encoding images at every step.
+
+  python benchmarks/latent_cache.py [--config=configs/quickstart.py] [--steps=40]
+
+Both runs use the config's stage-2 model, batch and data pipeline (grain, one process); the
+only difference is the source: images through the frozen encoder, or the posterior means
+and stds that `ldm-jax cache-latents` wrote. The autoencoder is untrained: speed does not
+depend on its weights. Prints steps/s of each and their ratio; timing excludes compilation.
+It is a measurement, never a test.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.data.latent_cache import LatentCacheSource
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.parallel import sharding
+from ldm_jax.train import autoencoder as autoencoder_stage
+from ldm_jax.train import data as data_lib
+from ldm_jax.train import diffusion, frozen
+from ldm_jax.train.latent_cache import cache_latents
+from ldm_jax.train.loop import jit_train_step
+from ldm_jax.train.state import make_optimizer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", lock_config=False)
+_STEPS = flags.DEFINE_integer("steps", 40, "Timed steps per source (after 3 warm-up steps).")
+_RECORDS = flags.DEFINE_integer("records", 4096, "Training records to encode and cache.")
+
+
+def _stage1_workdir(config, workdir: str, mesh, rules) -> None:
+    """A workdir holding an untrained stage-1 checkpoint and its latent scale."""
+    checkpointer = Checkpointer(
+        autoencoder_stage.checkpoint_dir(workdir), async_checkpointing=False
+    )
+    state, _ = autoencoder_stage.restore_or_create(config, checkpointer, mesh, rules)
+    checkpointer.save(0, state)
+    checkpointer.close()
+    autoencoder_stage.write_latent_scale(workdir, 1.0, 0)
+
+
+def _steps_per_second(config, source, encoded: bool, mesh, rules, workdir: str) -> float:
+    ae_params, ae_shardings, scale = frozen.load_autoencoder(config, workdir, mesh, rules)
+    image_source = data_lib.make_source(config.data, config.data.train_split, config.seed)
+    tokenizer, text_encoder, extra, extra_shardings = frozen.load_conditioning(
+        config, workdir, mesh, rules, image_source
+    )
+    model = diffusion.build_model(config, tokenizer, scale, text_encoder)
+    _, batches = data_lib.make_batches(
+        config.data,
+        source,
+        batch_size=config.diffusion.train.batch_size,
+        seed=0,
+        mesh=mesh,
+        tokenizer_json=tokenizer.to_str() if tokenizer else None,
+        keys=diffusion.batch_keys(config.diffusion.conditioning, encoded),
+        images=not encoded,
+    )
+    optimizer = make_optimizer(config.diffusion.train)
+    init = functools.partial(
+        diffusion.init_state,
+        model=model,
+        optimizer=optimizer,
+        max_caption_length=config.data.max_caption_length,
+    )
+    state, shardings = sharding.create_sharded(init, mesh, rules, jax.random.key(0))
+    step = jit_train_step(
+        functools.partial(
+            diffusion.train_step,
+            model=model,
+            optimizer=optimizer,
+            ema_decay=0.999,
+            cond_drop_prob=0.1,
+            min_snr_gamma=None,
+        ),
+        shardings,
+        mesh,
+        {**extra_shardings, "autoencoder": ae_shardings},
+    )
+    frozen_params = {**extra, "autoencoder": ae_params}
+    key = jax.random.key(1)
+    with jax.set_mesh(mesh):
+        for _ in range(3):
+            state, metrics = step(state, next(batches), key, frozen_params)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(_STEPS.value):
+            state, metrics = step(state, next(batches), key, frozen_params)
+        jax.block_until_ready(metrics)
+    return _STEPS.value / (time.perf_counter() - start)
+
+
+def main(_):
+    config = _CONFIG.value
+    config.data.num_train_examples = _RECORDS.value
+    config.diffusion.encode_once = False
+    mesh = mesh_lib.create_mesh(data=-1)
+    rules = mesh_lib.DEFAULT_AXIS_RULES
+    with tempfile.TemporaryDirectory() as workdir:
+        _stage1_workdir(config, workdir, mesh, rules)
+        cache_dir = f"{workdir}/latent_cache"
+        start = time.perf_counter()
+        metadata = cache_latents(config, workdir, cache_dir, mesh, rules)
+        caching = time.perf_counter() - start
+        images = data_lib.make_source(config.data, config.data.train_split, config.seed)
+        on_the_fly = _steps_per_second(config, images, False, mesh, rules, workdir)
+        cached = _steps_per_second(config, LatentCacheSource(cache_dir), True, mesh, rules, workdir)
+    batch = config.diffusion.train.batch_size
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; stage-2 batch {batch}")
+    print(f"caching {metadata['num_records']} records: {caching:.1f} s")
+    print(f"{'source':<22} {'steps/s':>8} {'images/s':>9}")
+    print(f"{'images + encoder':<22} {on_the_fly:>8.2f} {on_the_fly * batch:>9.1f}")
+    print(f"{'latent cache':<22} {cached:>8.2f} {cached * batch:>9.1f}")
+    print(f"speed-up from the cache: {cached / on_the_fly:.2f}x")
+    print(
+        json.dumps(
+            {
+                "steps_per_second_encoding": round(on_the_fly, 3),
+                "steps_per_second_cache": round(cached, 3),
+                "speedup": round(cached / on_the_fly, 3),
+                "caching_seconds": round(caching, 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.layers import CONV_KERNEL_AXES, NORM_AXES
+from ldm_jax.models.layers import NORM_AXES, conv
 
 DISCRIMINATOR_KERNEL_SIZE = 4
 DISCRIMINATOR_PADDING = ((1, 1), (1, 1))
@@ -100,20 +100,15 @@ class NLayerDiscriminator(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def _conv(self, features: int, strides: int, use_bias: bool, name: str) -> nn.Conv:
-        return nn.Conv(
+        return conv(
             features,
-            (DISCRIMINATOR_KERNEL_SIZE, DISCRIMINATOR_KERNEL_SIZE),
-            strides=(strides, strides),
+            DISCRIMINATOR_KERNEL_SIZE,
+            strides=strides,
             padding=DISCRIMINATOR_PADDING,
             use_bias=use_bias,
+            kernel_init=nn.initializers.normal(INIT_STDDEV),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(INIT_STDDEV), CONV_KERNEL_AXES
-            ),
-            bias_init=nn.with_logical_partitioning(
-                nn.initializers.zeros_init(), CONV_KERNEL_AXES[-1:]
-            ),
             name=name,
         )
 

@@ -74,6 +74,8 @@ def conv(
     *,
     strides: int = 1,
     padding: Padding | None = None,
+    use_bias: bool = True,
+    kernel_init: nn.initializers.Initializer | None = None,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     name: str | None = None,
@@ -81,7 +83,8 @@ def conv(
     """A square convolution, by default padded by `kernel_size // 2` on every side.
 
     The padding is explicit (never "SAME") because a strided "SAME" convolution pads
-    asymmetrically, unlike PyTorch's `padding=1`.
+    asymmetrically, unlike PyTorch's `padding=1`. The kernel initialiser defaults to LeCun
+    normal.
     """
     if padding is None:
         padding = ((kernel_size // 2, kernel_size // 2),) * 2
@@ -90,9 +93,12 @@ def conv(
         (kernel_size, kernel_size),
         strides=(strides, strides),
         padding=padding,
+        use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES),
+        kernel_init=nn.with_logical_partitioning(
+            kernel_init or nn.initializers.lecun_normal(), CONV_KERNEL_AXES
+        ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), CONV_KERNEL_AXES[-1:]),
         name=name,
     )

@@ -173,7 +173,9 @@ def generator_loss(
             settings=settings,
         )
 
-    nll, nll_metrics = nll_of(recon)
+    # vjp keeps each forward pass for the gradients at the reconstruction that the adaptive
+    # weight needs, instead of running LPIPS and the discriminator a second time.
+    nll, nll_vjp, nll_metrics = jax.vjp(nll_of, recon, has_aux=True)
     metrics.update(nll_metrics)
     loss = nll + penalty
     if use_gan:
@@ -182,15 +184,16 @@ def generator_loss(
             logits = modules.discriminator.apply({"params": disc_params}, r)
             return gan.generator_loss(logits.astype(jnp.float32))
 
-        g_loss = g_of(recon)
-        fixed_recon = jax.lax.stop_gradient(recon)
-        fixed_features = jax.lax.stop_gradient(features).astype(jnp.float32)
+        g_loss, g_vjp = jax.vjp(g_of, recon)
+        features = jax.lax.stop_gradient(features).astype(jnp.float32)
         kernel = jax.lax.stop_gradient(params["autoencoder"]["decoder"]["conv_out"]["kernel"])
-        nll_grad = gan.conv_kernel_grad(
-            fixed_features, jax.grad(lambda r: nll_of(r)[0])(fixed_recon), kernel
-        )
-        g_grad = gan.conv_kernel_grad(fixed_features, jax.grad(g_of)(fixed_recon), kernel)
-        d_weight = gan.adaptive_weight(nll_grad, g_grad) * settings.disc_weight
+
+        def last_kernel_grad(vjp):
+            (output_grad,) = vjp(jnp.ones((), jnp.float32))
+            return gan.conv_kernel_grad(features, jax.lax.stop_gradient(output_grad), kernel)
+
+        d_weight = gan.adaptive_weight(last_kernel_grad(nll_vjp), last_kernel_grad(g_vjp))
+        d_weight = d_weight * settings.disc_weight
         loss = loss + d_weight * g_loss
         metrics.update(g_loss=g_loss, d_weight=d_weight, disc_factor=jnp.ones((), jnp.float32))
     elif settings.gan:  # before disc_start: the same metrics, as zeros

@@ -204,12 +204,9 @@ def encode_dataset(
     resize = transforms.ResizeAndCrop(config.data.image_size, random_crop=False)
     rng = np.random.default_rng(0)
 
-    @jax.jit
-    def encode(images):
-        posterior = model.autoencoder.apply(
-            {"params": ae_params}, pixels_from_uint8(images), method="encode"
-        )
-        return posterior.mean, posterior.std
+    encode = jax.jit(
+        functools.partial(latent_cache.encode_batch, model=model.autoencoder, store_codes=False)
+    )
 
     means, stds, captions, labels = [], [], [], []
     is_main = jax.process_index() == 0
@@ -218,9 +215,9 @@ def encode_dataset(
             records = [source[i] for i in range(start, min(start + chunk, len(source)))]
             images = np.stack([resize.random_map(dict(r), rng)["image"] for r in records])
             padded = np.concatenate([images, np.repeat(images[-1:], chunk - len(images), 0)])
-            mean, std = encode(jax.device_put(padded, sharding.batch_sharding(mesh)))
-            means.append(sharding.to_host(mean)[: len(records)])
-            stds.append(sharding.to_host(std)[: len(records)])
+            encoded = encode(ae_params, jax.device_put(padded, sharding.batch_sharding(mesh)))
+            means.append(sharding.to_host(encoded["latent_mean"])[: len(records)])
+            stds.append(sharding.to_host(encoded["latent_std"])[: len(records)])
             captions += [str(r["caption"]) for r in records]
             labels += [int(r["label"]) for r in records]
     arrays = {

@@ -111,8 +111,3 @@ def conv_kernel_grad(features: jax.Array, output_grad: jax.Array, kernel: jax.Ar
         )
     (grad,) = pullback(output_grad.astype(output.dtype))
     return grad
-
-
-def discriminator_factor(step: jax.Array | int, disc_start: jax.Array | int) -> jax.Array:
-    """1.0 from step `disc_start` on, 0.0 before: the adversarial terms' on switch."""
-    return jnp.where(jnp.asarray(step) >= disc_start, 1.0, 0.0).astype(jnp.float32)

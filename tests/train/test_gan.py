@@ -10,7 +10,6 @@ from ldm_jax.train.gan import (
     DISCRIMINATOR_LOSSES,
     adaptive_weight,
     conv_kernel_grad,
-    discriminator_factor,
     generator_loss,
     hinge_discriminator_loss,
     vanilla_discriminator_loss,
@@ -117,10 +116,3 @@ def test_conv_kernel_grad_names_mismatched_shapes():
         conv_kernel_grad(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 4, 4, 5)), jnp.zeros((3, 3, 2, 3)))
     with pytest.raises(ValueError, match="matching input channels"):
         conv_kernel_grad(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 5, 3)))
-
-
-def test_discriminator_factor_switches_on_at_disc_start():
-    steps = jnp.array([0, 99, 100, 101])
-    np.testing.assert_array_equal(np.asarray(discriminator_factor(steps, 100)), [0, 0, 1, 1])
-    assert float(jax.jit(discriminator_factor)(5, 0)) == 1.0
-    assert discriminator_factor(3, 4).dtype == jnp.float32

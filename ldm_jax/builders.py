@@ -72,12 +72,24 @@ def build_unet(config: ml_collections.ConfigDict) -> UNet:
         use_linear_projection=u.use_linear_projection,
         flip_sin_to_cos=u.flip_sin_to_cos,
         freq_shift=u.freq_shift,
-        context_dim=dm.text_encoder.width if dm.conditioning == "text" else None,
+        attention_type=u.attention_type,
+        context_dim=_context_dim(config),
         num_classes=num_classes(config) if dm.conditioning == "class" else None,
+        class_conditioning="context" if u.class_context_dim > 0 else "time",
         norm_num_groups=u.norm_num_groups,
         dropout=u.dropout,
         dtype=compute_dtype(config),
     )
+
+
+def _context_dim(config: ml_collections.ConfigDict) -> int | None:
+    """The U-Net's cross-attention width: the text encoder's, a class token's, or none."""
+    dm = config.diffusion
+    if dm.conditioning == "text":
+        return dm.text_encoder.width
+    if dm.conditioning == "class" and dm.unet.class_context_dim > 0:
+        return dm.unet.class_context_dim
+    return None
 
 
 def build_text_encoder(config: ml_collections.ConfigDict, vocab_size: int) -> TextEncoder:

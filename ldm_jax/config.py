@@ -20,9 +20,8 @@ from ldm_jax.diffusion import (
     SCHEDULE_KINDS,
     TIMESTEP_SPACINGS,
 )
-from ldm_jax.models import (
-    DISCRIMINATOR_NORMS,
-)
+from ldm_jax.models import DISCRIMINATOR_NORMS
+from ldm_jax.models.unet import ATTENTION_TYPES as UNET_ATTENTION_TYPES
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.train.gan import DISCRIMINATOR_LOSSES
 
@@ -167,6 +166,13 @@ def base_config() -> ml_collections.ConfigDict:
                 # Heads per level from a fixed head width (64 in Stable Diffusion 2) when
                 # positive; else num_attention_heads at every level.
                 attention_head_dim=0,
+                # "transformer": spatial transformers (self- and cross-attention); "plain":
+                # group-normed self-attention, no context (CompVis' unconditional LDMs).
+                attention_type="transformer",
+                # Class conditioning: 0 adds the label's embedding to the timestep embedding;
+                # a width makes the label the one cross-attention token of that width
+                # (CompVis' ClassEmbedder, the class-conditional ImageNet LDM).
+                class_context_dim=0,
                 use_linear_projection=False,
                 flip_sin_to_cos=True,
                 freq_shift=0,
@@ -333,6 +339,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             "directory (or make the workdir with `ldm-jax import`)"
         )
     _check_groups("diffusion.unet", dm.unet.block_out_channels, dm.unet.norm_num_groups)
+    _check_choice("diffusion.unet.attention_type", dm.unet.attention_type, UNET_ATTENTION_TYPES)
+    if dm.unet.class_context_dim < 0:
+        raise ConfigError(
+            f"config.diffusion.unet.class_context_dim={dm.unet.class_context_dim} must be >= 0"
+        )
+    if dm.unet.attention_type == "plain":
+        if dm.conditioning == "text" or dm.unet.class_context_dim:
+            raise ConfigError(
+                "config.diffusion.unet.attention_type='plain' has no cross-attention, so it "
+                "cannot take text or a class token: use attention_type='transformer', or "
+                "conditioning='class' with class_context_dim=0, or conditioning='none'"
+            )
     if dm.unet.attention_head_dim > 0:
         for channels in dm.unet.block_out_channels:
             if channels % dm.unet.attention_head_dim:

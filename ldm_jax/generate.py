@@ -183,6 +183,13 @@ class Generator:
         if self.model.conditioning == "class":
             if labels is None:
                 raise ValueError("this model is class-conditioned: give labels (--label)")
+            num_classes = int(self.model.null_condition)  # the null class is the last row
+            outside = sorted({int(n) for n in labels if not 0 <= int(n) < num_classes})
+            if outside:
+                raise ValueError(
+                    f"class labels {outside} are outside [0, {num_classes}): this model knows "
+                    f"{num_classes} classes (--label)"
+                )
             return np.asarray(labels, np.int32)
         count = len(prompts) if prompts is not None else len(labels or [])
         return np.zeros((count,), np.int32)

@@ -1,4 +1,5 @@
-"""The CompVis first-stage models as configs: kl-f4, kl-f8, kl-f16, vq-f4, vq-f8.
+"""The CompVis models as configs: the first stages kl-f4, kl-f8, kl-f16, vq-f4, vq-f8, and
+the latent diffusion models on them (the class-conditional ImageNet LDM, the CelebA-HQ LDM-4).
 
 Each has its full size (256x256 images from an image folder, the published architecture and
 loss weights) and a ``tiny`` variant: the same kind and downsampling factor at a width a
@@ -130,3 +131,93 @@ def _tiny(config: ml_collections.ConfigDict, spec: dict) -> None:
     config.train.log_every = 50
     config.train.checkpoint_every = 500
     config.train.sample_every = 0
+
+
+# The CompVis latent diffusion models: first stage, U-Net (model_channels x channel_mult,
+# attention at the levels of attention_resolutions, heads of 32 channels), conditioning,
+# and the base learning rate x batch size of their configs. Both use the schedule
+# linear_start=0.0015, linear_end=0.0195 (diffusers' "scaled_linear") and a latent scale of 1.
+_LDM = {
+    # models/ldm/cin256-v2: ImageNet classes as one cross-attention token (ClassEmbedder,
+    # 1001 rows: label 1000 is the unconditional one).
+    "cin256": dict(
+        first_stage="vq_f8",
+        channels=(256, 512, 1024),
+        attention=(True, True, True),
+        attention_type="transformer",
+        conditioning="class",
+        class_context_dim=512,
+        num_classes=1000,
+        batch_size=64,
+        base_learning_rate=1e-6,
+        guidance_scale=3.0,
+    ),
+    # models/ldm/celeba256: unconditional, plain self-attention blocks (no transformer).
+    "celebahq256": dict(
+        first_stage="vq_f4",
+        channels=(224, 448, 672, 896),
+        attention=(False, True, True, True),
+        attention_type="plain",
+        conditioning="none",
+        class_context_dim=0,
+        num_classes=0,
+        batch_size=48,
+        base_learning_rate=2e-6,
+        guidance_scale=1.0,
+    ),
+}
+_LDM_TINY = {
+    "cin256": dict(channels=(32, 64), attention=(True, True), class_context_dim=64),
+    "celebahq256": dict(channels=(32, 64), attention=(False, True), class_context_dim=0),
+}
+
+
+def latent_diffusion_config(name: str, variant: str | None) -> ml_collections.ConfigDict:
+    """Both stages of CompVis latent diffusion model ``name`` (a key of ``_LDM``)."""
+    spec = _LDM[name]
+    config = first_stage_config(spec["first_stage"], variant)
+    config.stage = "both"
+    dm = config.diffusion
+    dm.conditioning = spec["conditioning"]
+    dm.schedule = "scaled_linear"
+    dm.beta_start, dm.beta_end = 0.0015, 0.0195
+    dm.num_timesteps = 1000
+    dm.prediction_type = "epsilon"
+    dm.cond_drop_prob = 0.1 if spec["conditioning"] != "none" else 0.0
+    u = dm.unet
+    u.attention_levels = spec["attention"]
+    u.attention_type = spec["attention_type"]
+    u.mid_block_attention = True
+    u.use_linear_projection = False
+    u.transformer_depth = 1
+    config.sample.sampler, config.sample.num_steps = "ddim", 50
+    config.sample.guidance_scale = spec["guidance_scale"]
+    config.sample.steps_offset = 0
+    if variant == "tiny":
+        tiny = _LDM_TINY[name]
+        u.block_out_channels = tiny["channels"]
+        u.attention_levels = tiny["attention"]
+        u.class_context_dim = tiny["class_context_dim"]
+        u.layers_per_block = 1
+        u.norm_num_groups = 8
+        u.attention_head_dim = 8
+        dm.train.steps = 300
+        dm.train.batch_size = 32
+        dm.train.learning_rate = 8e-4
+        dm.train.warmup_steps = 50
+        dm.train.ema_decay = 0.995
+        config.sample.num_steps = 20
+    else:
+        u.block_out_channels = spec["channels"]
+        u.class_context_dim = spec["class_context_dim"]
+        u.layers_per_block = 2
+        u.norm_num_groups = 32
+        u.attention_head_dim = 32  # num_head_channels
+        config.data.num_classes = spec["num_classes"]
+        config.dtype = "bfloat16"
+        dm.train.batch_size = spec["batch_size"]
+        dm.train.learning_rate = spec["base_learning_rate"] * spec["batch_size"]
+        dm.train.warmup_steps = 10_000
+        dm.train.weight_decay = 0.0
+        dm.train.steps = 400_000
+    return config

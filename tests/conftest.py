@@ -23,10 +23,27 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``ldm-jax ARGS`` in a subprocess on 2 simulated devices, from the project root."""
+    return subprocess.run(
+        [sys.executable, "-m", "ldm_jax.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            **os.environ,
+            "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=2",
+        },
+    )
 
 
 def load_config(name: str, variant: str | None = None):

@@ -1,30 +1,13 @@
 """The command line end to end on the tiny config, and its one-line errors."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, TEST_XLA_FLAGS
+from conftest import run_cli
 from PIL import Image
 
 TINY = "--config=configs/quickstart.py:tiny"
-
-
-def ldm_jax(*args, timeout=900):
-    return subprocess.run(
-        [sys.executable, "-m", "ldm_jax.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={
-            **os.environ,
-            "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=2",
-        },
-    )
 
 
 def _assert_one_line_error(result, *fragments):
@@ -37,7 +20,7 @@ def _assert_one_line_error(result, *fragments):
 @pytest.mark.slow
 def test_train_sample_evaluate_end_to_end(tmp_path):
     workdir = tmp_path / "run"
-    result = ldm_jax("train", TINY, f"--workdir={workdir}")
+    result = run_cli("train", TINY, f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr
     for name in ("config.json", "tokenizer.json", "latent_scale.json", "metrics.jsonl"):
         assert (workdir / name).exists(), name
@@ -48,7 +31,7 @@ def test_train_sample_evaluate_end_to_end(tmp_path):
     assert stages == {"autoencoder", "diffusion"}
 
     out = tmp_path / "grid.png"
-    result = ldm_jax(
+    result = run_cli(
         "sample",
         f"--workdir={workdir}",
         "--prompt=a red circle",
@@ -62,7 +45,7 @@ def test_train_sample_evaluate_end_to_end(tmp_path):
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 + 34, 2 + 3 * 34, 3)  # 3 images of 32x32 with 2-pixel gaps
 
-    result = ldm_jax(
+    result = run_cli(
         "evaluate",
         f"--workdir={workdir}",
         "--num_per_prompt=1",
@@ -76,17 +59,17 @@ def test_train_sample_evaluate_end_to_end(tmp_path):
     assert "colour_accuracy/red" in results and "shape_accuracy/circle" in results
 
     # Re-running a finished run trains nothing more and succeeds.
-    result = ldm_jax("train", TINY, f"--workdir={workdir}")
+    result = run_cli("train", TINY, f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr
 
 
 def test_unknown_config_key_is_one_line(tmp_path):
-    result = ldm_jax("train", TINY, f"--workdir={tmp_path}", "--config.train.stepz=3", timeout=120)
+    result = run_cli("train", TINY, f"--workdir={tmp_path}", "--config.train.stepz=3", timeout=120)
     _assert_one_line_error(result, "stepz")
 
 
 def test_batch_not_divisible_by_mesh_is_one_line(tmp_path):
-    result = ldm_jax(
+    result = run_cli(
         "train",
         TINY,
         f"--workdir={tmp_path}",
@@ -97,14 +80,14 @@ def test_batch_not_divisible_by_mesh_is_one_line(tmp_path):
 
 
 def test_image_size_not_divisible_by_autoencoder_factor_is_one_line(tmp_path):
-    result = ldm_jax(
+    result = run_cli(
         "train", TINY, f"--workdir={tmp_path}", "--config.data.image_size=33", timeout=120
     )
     _assert_one_line_error(result, "not divisible by the autoencoder factor")
 
 
 def test_missing_dataset_path_is_one_line(tmp_path):
-    result = ldm_jax(
+    result = run_cli(
         "train",
         TINY,
         f"--workdir={tmp_path}",
@@ -116,12 +99,12 @@ def test_missing_dataset_path_is_one_line(tmp_path):
 
 
 def test_stage_two_without_stage_one_is_one_line(tmp_path):
-    result = ldm_jax(
+    result = run_cli(
         "train", TINY, f"--workdir={tmp_path}", "--config.stage=diffusion", timeout=300
     )
     _assert_one_line_error(result, "needs a trained autoencoder", "--config.autoencoder.workdir")
 
 
 def test_sample_without_a_trained_workdir_is_one_line(tmp_path):
-    result = ldm_jax("sample", f"--workdir={tmp_path}", "--prompt=a red circle", timeout=120)
+    result = run_cli("sample", f"--workdir={tmp_path}", "--prompt=a red circle", timeout=120)
     _assert_one_line_error(result, "config.json")

@@ -94,6 +94,36 @@ class Attention(nn.Module):
         return out if self.norm_num_groups is None else out + residual
 
 
+def spatial_self_attention(
+    x: jax.Array,
+    *,
+    num_heads: int,
+    norm_num_groups: int,
+    norm_eps: float,
+    name: str,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+) -> jax.Array:
+    """Group-normed, residual self-attention over the pixels of `(B, H, W, C)` features.
+
+    The autoencoders' attention blocks (one head) and the attention blocks of U-Nets
+    without cross-attention (CompVis' `AttentionBlock`, the `Attn*Block2D`s of diffusers'
+    `UNet2DModel`): `x + to_out_0(attention(group_norm(x)))`, q/k/v with biases. Call it
+    inside a compact module: it adds the `Attention` submodule `name`.
+    """
+    batch, height, width, channels = x.shape
+    tokens = Attention(
+        num_heads=num_heads,
+        use_qkv_bias=True,
+        norm_num_groups=norm_num_groups,
+        norm_eps=norm_eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )(x.reshape(batch, height * width, channels))
+    return tokens.reshape(x.shape)
+
+
 class GEGLU(nn.Module):
     """`hidden * gelu(gate)` with `(hidden, gate)` the two halves of `proj(x)`; exact gelu."""
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.attention import Attention
+from ldm_jax.models.attention import spatial_self_attention
 from ldm_jax.models.layers import (
     BATCH_IMAGE_AXES,
     Downsample,
@@ -120,18 +120,16 @@ def _levels_with_attention(attention_levels: Sequence[bool], num_levels: int) ->
     return tuple(bool(level) for level in attention_levels)
 
 
-def _spatial_self_attention(x: jax.Array, norm_num_groups: int, name: str, **kwargs) -> jax.Array:
-    """Single-head, group-normed, residual self-attention over the pixels of `(B, H, W, C)`."""
-    batch, height, width, channels = x.shape
-    tokens = Attention(
+def _attention(x: jax.Array, norm_num_groups: int, name: str, kwargs: dict) -> jax.Array:
+    """The autoencoders' single-head attention block."""
+    return spatial_self_attention(
+        x,
         num_heads=1,
-        use_qkv_bias=True,
         norm_num_groups=norm_num_groups,
         norm_eps=AUTOENCODER_NORM_EPS,
         name=name,
         **kwargs,
-    )(x.reshape(batch, height * width, channels))
-    return tokens.reshape(x.shape)
+    )
 
 
 class AutoencoderBlock(nn.Module):
@@ -158,7 +156,7 @@ class AutoencoderBlock(nn.Module):
                 **kwargs,
             )(x)
             if self.use_attention:
-                x = _spatial_self_attention(x, self.norm_num_groups, f"attentions_{j}", **kwargs)
+                x = _attention(x, self.norm_num_groups, f"attentions_{j}", kwargs)
         if self.resample == "down":
             x = Downsample(
                 self.out_channels,
@@ -188,7 +186,7 @@ class AutoencoderMidBlock(nn.Module):
         )
         x = ResnetBlock(channels, name="resnets_0", **resnet_kwargs)(x)
         if self.use_attention:
-            x = _spatial_self_attention(x, self.norm_num_groups, "attentions_0", **kwargs)
+            x = _attention(x, self.norm_num_groups, "attentions_0", kwargs)
         return ResnetBlock(channels, name="resnets_1", **resnet_kwargs)(x)
 
 

@@ -2,9 +2,15 @@
 
 `conv_in`, `time_embedding` (and `class_embedding`), `down_blocks_{i}`, `mid_block`,
 `up_blocks_{i}` (levels in reverse, as diffusers), `conv_norm_out`, `conv_out`. A level
-with attention has a `SpatialTransformer` after each of its resnets; the up path
+with attention has an attention block after each of its resnets; the up path
 concatenates the down path's features (skip connections) before each of its resnets.
-Every configuration is that of a diffusers `UNet2DConditionModel`, with the same tensors.
+
+Attention blocks are `SpatialTransformer`s (`attention_type="transformer"`: self- and
+cross-attention, as Stable Diffusion and diffusers' `UNet2DConditionModel`) or plain
+group-normed self-attention (`"plain"`: CompVis' `AttentionBlock`, the unconditional LDMs,
+diffusers' `UNet2DModel`). Every configuration is that of one of those two diffusers
+classes, with the same tensors, or (class labels as a cross-attention token, the CompVis
+class-conditional ImageNet LDM) of the original CompVis U-Net.
 """
 
 from collections.abc import Sequence
@@ -13,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.attention import SpatialTransformer
+from ldm_jax.models.attention import SpatialTransformer, spatial_self_attention
 from ldm_jax.models.layers import (
     BATCH_IMAGE_AXES,
     EMBEDDING_TABLE_AXES,
@@ -26,6 +32,13 @@ from ldm_jax.models.layers import (
     timestep_embedding,
 )
 
+# "transformer": a SpatialTransformer after each resnet; "plain": group-normed self-attention.
+ATTENTION_TYPES = ("transformer", "plain")
+# Where a class label enters: its embedding added to the timestep embedding ("time",
+# diffusers' `num_class_embeds`), or as the one token of the cross-attention context
+# ("context", CompVis' `ClassEmbedder`).
+CLASS_CONDITIONINGS = ("time", "context")
+
 
 class _LevelBlock(nn.Module):
     """Fields and sub-module builders shared by the U-Net's down, mid and up blocks."""
@@ -33,6 +46,7 @@ class _LevelBlock(nn.Module):
     out_channels: int
     num_heads: int
     use_attention: bool = True
+    attention_type: str = "transformer"
     transformer_depth: int = 1
     use_linear_projection: bool = False
     norm_num_groups: int = 32
@@ -52,16 +66,24 @@ class _LevelBlock(nn.Module):
             name=name,
         )
 
-    def transformer(self, name: str) -> SpatialTransformer:
+    def attend(self, name: str, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        """The level's attention block `name` on `x` (called from a compact method)."""
+        kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        if self.attention_type == "plain":
+            return spatial_self_attention(
+                x,
+                num_heads=self.num_heads,
+                norm_num_groups=self.norm_num_groups,
+                norm_eps=self.norm_eps,
+                **kwargs,
+            )
         return SpatialTransformer(
             self.num_heads,
             depth=self.transformer_depth,
             use_linear_projection=self.use_linear_projection,
             norm_num_groups=self.norm_num_groups,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
+            **kwargs,
+        )(x, context)
 
 
 class DownBlock(_LevelBlock):
@@ -79,7 +101,7 @@ class DownBlock(_LevelBlock):
         for j in range(self.num_layers):
             x = self.resnet(f"resnets_{j}")(x, temb, train=train)
             if self.use_attention:
-                x = self.transformer(f"attentions_{j}")(x, context)
+                x = self.attend(f"attentions_{j}", x, context)
             skips.append(x)
         if self.add_downsample:
             x = Downsample(
@@ -105,7 +127,7 @@ class MidBlock(_LevelBlock):
     ) -> jax.Array:
         x = self.resnet("resnets_0")(x, temb, train=train)
         if self.use_attention:
-            x = self.transformer("attentions_0")(x, context)
+            x = self.attend("attentions_0", x, context)
             x = self.resnet("resnets_1")(x, temb, train=train)
         return x
 
@@ -130,7 +152,7 @@ class UpBlock(_LevelBlock):
             x = jnp.concatenate([x, skip], axis=-1)
             x = self.resnet(f"resnets_{j}")(x, temb, train=train)
             if self.use_attention:
-                x = self.transformer(f"attentions_{j}")(x, context)
+                x = self.attend(f"attentions_{j}", x, context)
         if self.add_upsample:
             x = Upsample(
                 self.out_channels,
@@ -149,21 +171,26 @@ class UNet(nn.Module):
       out_channels: channels of the prediction.
       block_out_channels: channels per level; every level but the last halves the size.
       layers_per_block: resnets per level on the down path (the up path has one more).
-      attention_levels: per level, whether a spatial transformer follows each resnet.
-      mid_block_attention: True for a mid block of resnet, spatial transformer, resnet
-        (diffusers' "UNetMidBlock2DCrossAttn"); False for a single resnet (the
-        "UNetMidBlock2D" of diffusers' `UNet2DConditionModel`).
-      num_attention_heads: heads of every transformer, or one count per level (the mid
-        block uses the last); the head width is `channels // heads`. diffusers'
-        `attention_head_dim` is, despite its name, this number of heads.
+      attention_levels: per level, whether an attention block follows each resnet.
+      attention_type: "transformer" (spatial transformers with cross-attention) or
+        "plain" (group-normed self-attention, no context); see `ATTENTION_TYPES`.
+      mid_block_attention: True for a mid block of resnet, attention block, resnet
+        (diffusers' "UNetMidBlock2DCrossAttn", or `UNet2DModel`'s "UNetMidBlock2D");
+        False for a single resnet (the "UNetMidBlock2D" of `UNet2DConditionModel`).
+      num_attention_heads: heads of every attention block, or one count per level (the
+        mid block uses the last); the head width is `channels // heads`. In diffusers'
+        `UNet2DConditionModel`, `attention_head_dim` is, despite its name, this number.
       transformer_depth: transformer blocks per spatial transformer, or one count per
         level (the mid block uses the last): diffusers' `transformer_layers_per_block`.
       context_dim: width of the cross-attention context, or None for a model without
         one (`attn2` then attends to the features themselves).
-      num_classes: number of class labels whose embedding is added to the time
-        embedding, or None. Label `num_classes` is the "null" class of classifier-free
-        guidance, so the table has `num_classes + 1` rows: a diffusers model with
-        `num_class_embeds=N` is `num_classes=N - 1`.
+      num_classes: number of class labels, or None. Label `num_classes` is the "null"
+        class of classifier-free guidance, so the embedding table `class_embedding` has
+        `num_classes + 1` rows: a diffusers model with `num_class_embeds=N` is
+        `num_classes=N - 1`, CompVis' ImageNet `ClassEmbedder(n_classes=1001)` is 1000.
+      class_conditioning: "time" (the label's embedding is added to the timestep
+        embedding) or "context" (it is the single cross-attention token, of width
+        `context_dim`, and no context is passed); see `CLASS_CONDITIONINGS`.
       use_linear_projection: dense (Stable Diffusion 2) instead of 1x1 conv `proj_in`
         and `proj_out` in the spatial transformers.
       norm_num_groups: GroupNorm groups.
@@ -181,11 +208,13 @@ class UNet(nn.Module):
     block_out_channels: Sequence[int] = (64, 128)
     layers_per_block: int = 2
     attention_levels: Sequence[bool] = (True, True)
+    attention_type: str = "transformer"
     mid_block_attention: bool = True
     num_attention_heads: int | Sequence[int] = 4
     transformer_depth: int | Sequence[int] = 1
     context_dim: int | None = None
     num_classes: int | None = None
+    class_conditioning: str = "time"
     use_linear_projection: bool = False
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
@@ -194,6 +223,12 @@ class UNet(nn.Module):
     freq_shift: int = 0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+
+    @property
+    def takes_context(self) -> bool:
+        """Whether callers pass a context: cross-attention whose tokens are not the labels."""
+        class_context = self.num_classes is not None and self.class_conditioning == "context"
+        return self.context_dim is not None and not class_context
 
     @property
     def heads_per_level(self) -> tuple[int, ...]:
@@ -225,7 +260,7 @@ class UNet(nn.Module):
           x: `(B, H, W, in_channels)`; H and W divisible by `2 ** (levels - 1)`.
           timesteps: `(B,)` or a scalar for the whole batch.
           context: `(B, S, context_dim)` cross-attention tokens; required exactly when
-            `context_dim` is set.
+            `context_dim` is set, unless the labels are the context.
           labels: `(B,)` int class labels in `[0, num_classes]`; required exactly when
             `num_classes` is set.
           train: apply dropout, drawing from the "dropout" rng.
@@ -246,17 +281,23 @@ class UNet(nn.Module):
         time_embed_dim = 4 * self.block_out_channels[0]
         temb = TimestepEmbedding(time_embed_dim, name="time_embedding", **kwargs)(time_features)
         if self.num_classes is not None:
-            temb = temb + nn.Embed(
+            as_context = self.class_conditioning == "context"
+            class_embedding = nn.Embed(
                 self.num_classes + 1,
-                time_embed_dim,
+                self.context_dim if as_context else time_embed_dim,
                 embedding_init=nn.with_logical_partitioning(
                     nn.initializers.normal(1.0), EMBEDDING_TABLE_AXES
                 ),
                 name="class_embedding",
                 **kwargs,
             )(labels)
+            if as_context:
+                context = class_embedding[:, None, :]
+            else:
+                temb = temb + class_embedding
 
         block_kwargs = dict(
+            attention_type=self.attention_type,
             use_linear_projection=self.use_linear_projection,
             norm_num_groups=self.norm_num_groups,
             norm_eps=self.norm_eps,
@@ -306,6 +347,15 @@ class UNet(nn.Module):
         self, x: jax.Array, context: jax.Array | None, labels: jax.Array | None
     ) -> None:
         levels = len(self.block_out_channels)
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(
+                f"attention_type={self.attention_type!r}; choose one of {ATTENTION_TYPES}."
+            )
+        if self.class_conditioning not in CLASS_CONDITIONINGS:
+            raise ValueError(
+                f"class_conditioning={self.class_conditioning!r}; choose one of "
+                f"{CLASS_CONDITIONINGS}."
+            )
         if len(self.attention_levels) != levels:
             raise ValueError(
                 f"attention_levels has {len(self.attention_levels)} entries; it needs one per "
@@ -331,7 +381,19 @@ class UNet(nn.Module):
                 f"UNet input height and width must be divisible by {factor} "
                 f"(2 ** (len(block_out_channels) - 1)); got {x.shape[1]}x{x.shape[2]}."
             )
-        if self.context_dim is None:
+        class_context = self.num_classes is not None and self.class_conditioning == "context"
+        if self.attention_type == "plain" and self.context_dim is not None:
+            raise ValueError(
+                f"plain attention has no cross-attention: context_dim must be None, got "
+                f"{self.context_dim} (use attention_type='transformer')."
+            )
+        if class_context:
+            if self.context_dim is None or context is not None:
+                raise ValueError(
+                    "class_conditioning='context' makes the labels the context: set context_dim "
+                    "(the class embedding width) and pass no context."
+                )
+        elif self.context_dim is None:
             if context is not None:
                 raise ValueError("context was given but context_dim is None (no cross-attention).")
         elif context is None or context.shape[-1] != self.context_dim:

@@ -200,3 +200,73 @@ def test_invalid_inputs_raise_a_clear_error(fields, make_inputs, message):
     model = UNet(**{**TINY, **fields})
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(model.init, KEY, *make_inputs())
+
+
+def test_plain_attention_blocks_are_group_normed_self_attention_with_biases():
+    model = UNet(attention_type="plain", **{**TINY, "num_attention_heads": (2, 4)})
+    x, timesteps, _, _ = inputs()
+    out, variables = jax.eval_shape(model.init_with_output, KEY, x, timesteps)
+    assert out.shape == x.shape
+    params = nn.meta.unbox(variables)["params"]
+    attention = params["down_blocks_0"]["attentions_0"]
+    assert set(attention) == {"group_norm", "to_q", "to_k", "to_v", "to_out_0"}
+    assert all("bias" in attention[name] for name in ("to_q", "to_k", "to_v", "to_out_0"))
+    assert attention["to_q"]["kernel"].shape == (8, 8)
+    # The mid block has resnet, attention, resnet; levels without attention have none.
+    assert set(params["mid_block"]) == {"resnets_0", "attentions_0", "resnets_1"}
+    assert "attentions_0" not in params["down_blocks_1"]
+    assert "transformer_blocks_0" not in str(jax.tree_util.tree_structure(params))
+
+
+def test_class_as_context_is_one_cross_attention_token_of_the_label_embedding():
+    as_context = UNet(
+        context_dim=CONTEXT_DIM, num_classes=NUM_CLASSES, class_conditioning="context", **TINY
+    )
+    x, timesteps, _, labels = inputs(num_classes=NUM_CLASSES)
+    params = nn.meta.unbox(as_context.init(KEY, x, timesteps, None, labels))["params"]
+    table = params["class_embedding"]["embedding"]
+    assert table.shape == (NUM_CLASSES + 1, CONTEXT_DIM)
+    # The same U-Net given the embedded labels as its context computes the same thing.
+    with_context = UNet(context_dim=CONTEXT_DIM, **TINY)
+    rest = {k: v for k, v in params.items() if k != "class_embedding"}
+    context = jnp.asarray(table)[labels][:, None, :]
+    np.testing.assert_allclose(
+        as_context.apply({"params": params}, x, timesteps, None, labels),
+        with_context.apply({"params": rest}, x, timesteps, context),
+        atol=1e-6,
+    )
+    other = as_context.apply({"params": params}, x, timesteps, None, labels[::-1])
+    assert (
+        np.abs(
+            np.asarray(other - with_context.apply({"params": rest}, x, timesteps, context))
+        ).max()
+        > 1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    "fields,make_inputs,message",
+    [
+        (dict(attention_type="linear"), lambda: inputs(), "attention_type='linear'"),
+        (
+            dict(attention_type="plain", context_dim=CONTEXT_DIM),
+            lambda: inputs(context_dim=CONTEXT_DIM),
+            "plain attention has no cross-attention",
+        ),
+        (
+            dict(context_dim=CONTEXT_DIM, num_classes=NUM_CLASSES, class_conditioning="context"),
+            lambda: inputs(context_dim=CONTEXT_DIM, num_classes=NUM_CLASSES),
+            "pass no context",
+        ),
+        (
+            dict(num_classes=NUM_CLASSES, class_conditioning="context"),
+            lambda: inputs(num_classes=NUM_CLASSES),
+            "set context_dim",
+        ),
+        (dict(class_conditioning="both"), lambda: inputs(), "class_conditioning='both'"),
+    ],
+)
+def test_invalid_attention_and_class_options_raise_a_clear_error(fields, make_inputs, message):
+    model = UNet(**{**TINY, **fields})
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(model.init, KEY, *make_inputs())

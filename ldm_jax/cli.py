@@ -63,6 +63,12 @@ _PREDICTION_TYPE = flags.DEFINE_enum(
     ["epsilon", "v", "x0"],
     "`import --from=single-file`: what the U-Net predicts (v for Stable Diffusion 2 768-v).",
 )
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size",
+    None,
+    "`import --from=single-file`: the model's image side in pixels (default: 256 for CompVis "
+    "LDMs, 768 for v-prediction, else 512).",
+)
 _TO = flags.DEFINE_enum("to", None, list(EXPORT_FORMATS), "Format to `export` to.")
 _RAW = flags.DEFINE_bool("raw", False, "`export` the online params instead of their EMA.")
 _WHAT = flags.DEFINE_enum(
@@ -216,6 +222,7 @@ def _import(path: str) -> None:
             _WORKDIR.value,
             tokenizer=_TOKENIZER.value,
             prediction_type=_PREDICTION_TYPE.value,
+            image_size=_IMAGE_SIZE.value,
         )
     )
 

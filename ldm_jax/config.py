@@ -435,7 +435,8 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
-    """Number of class labels of the dataset (the shapes dataset knows its own)."""
-    if config.data.source == "shapes":
-        return NUM_CLASSES
-    return config.data.num_classes
+    """Number of class labels: `config.data.num_classes` when set (an imported model's),
+    else the dataset's (the shapes dataset knows its own)."""
+    if config.data.num_classes > 0 or config.data.source != "shapes":
+        return config.data.num_classes
+    return NUM_CLASSES

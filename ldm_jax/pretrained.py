@@ -1,9 +1,11 @@
-"""Pretrained weights named by a config: a diffusers autoencoder or U-Net, a CLIP text model.
+"""Pretrained weights named by a config: an autoencoder or U-Net, a CLIP text model.
 
 A workdir made by `ldm-jax import` holds these as diffusers / transformers directories
-(`vae/`, `unet/`, `text_encoder/`, `tokenizer/`) and its config names them with paths
-relative to the workdir. Training and sampling read them here, check that they have the
-architecture the config describes, and place them on the mesh.
+(`vae/` or `vqvae/`, `unet/`, `text_encoder/`, `tokenizer/`), or, for a model no diffusers
+pipeline computes as (CompVis' class-conditional ImageNet LDM), as one original
+single file (`model.safetensors`); its config names them with paths relative to the
+workdir. Training and sampling read them here, check that they have the architecture the
+config describes, and place them on the mesh.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from ldm_jax import config as config_lib
 from ldm_jax.data.clip_tokenizer import ClipTokenizer
 from ldm_jax.interop import clip as clip_interop
 from ldm_jax.interop import diffusers as diffusers_interop
+from ldm_jax.interop import single_file
+from ldm_jax.interop.convert import ImportedModel
 from ldm_jax.parallel import sharding
 
 
@@ -30,7 +34,24 @@ def resolve(workdir: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(workdir, path)
 
 
+def _read(path: str, part: str) -> ImportedModel:
+    """The `part` ("unet" or "vae") of a diffusers model folder or an original single file."""
+    if path.endswith(".safetensors") and os.path.isfile(path):
+        components = single_file.load_single_file(path)
+        if part not in components:
+            raise config_lib.ConfigError(f"{path} holds no {part}")
+        return components[part]
+    if part == "unet":
+        return diffusers_interop.load_diffusers_unet(path)
+    return diffusers_interop.load_diffusers_vae(path)
+
+
 def _check_fields(what: str, key: str, loaded: nn.Module, expected: nn.Module, fields) -> None:
+    if type(loaded) is not type(expected):
+        raise config_lib.ConfigError(
+            f"the {what} weights in {key} are of a {type(loaded).__name__}, but the config "
+            f"describes a {type(expected).__name__}: fix the config (or re-run `ldm-jax import`)"
+        )
     for field in fields:
         have, want = getattr(loaded, field), getattr(expected, field)
         if (tuple(have) if isinstance(have, list) else have) != (
@@ -60,16 +81,13 @@ def load_autoencoder(
     config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, rules
 ) -> tuple[Any, Any, float]:
     """The autoencoder of `config.autoencoder.pretrained`: (params, shardings, latent scale)."""
-    path = resolve(workdir, config.autoencoder.pretrained)
-    imported = diffusers_interop.load_diffusers_vae(path)
+    imported = _read(resolve(workdir, config.autoencoder.pretrained), "vae")
     expected = builders.build_autoencoder(config)
-    _check_fields(
-        "autoencoder",
-        "config.autoencoder.pretrained",
-        imported.module,
-        expected,
-        ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups"),
-    )
+    fields = ["block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups"]
+    fields += ["mid_block_attention", "attention_levels"]
+    if config.autoencoder.kind == "vq":
+        fields.append("num_embeddings")
+    _check_fields("autoencoder", "config.autoencoder.pretrained", imported.module, expected, fields)
     size = config.data.image_size
     images = jnp.zeros((1, size, size, expected.in_channels), jnp.float32)
     params, shardings = place(imported.params, expected, mesh, rules, images, False)
@@ -98,14 +116,10 @@ def load_clip(
 
 def initial_unet_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Host params of `config.diffusion.unet.pretrained` for the U-Net the config describes."""
-    path = resolve(workdir, config.diffusion.unet.pretrained)
-    imported = diffusers_interop.load_diffusers_unet(path)
+    imported = _read(resolve(workdir, config.diffusion.unet.pretrained), "unet")
     expected = builders.build_unet(config)
-    _check_fields(
-        "U-Net",
-        "config.diffusion.unet.pretrained",
-        imported.module,
-        expected,
-        ("block_out_channels", "layers_per_block", "attention_levels", "context_dim"),
-    )
+    fields = ("block_out_channels", "layers_per_block", "attention_levels", "context_dim")
+    # Heads and the attention kind leave the shapes alone but change what is computed.
+    fields += ("heads_per_level", "attention_type", "num_classes", "class_conditioning")
+    _check_fields("U-Net", "config.diffusion.unet.pretrained", imported.module, expected, fields)
     return imported.params

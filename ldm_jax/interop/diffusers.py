@@ -2,9 +2,11 @@
 
 A diffusers model directory holds `config.json` (the architecture; `_class_name` names the
 class) and `diffusion_pytorch_model.safetensors` (or a sharded index); a pipeline keeps one
-in each of its `unet/` and `vae/` folders. Configs map to module fields in
-`diffusers_config` (re-exported here); weights map one to one through
-`convert.torch_to_flax` / `flax_to_torch`, no pickle is ever opened.
+in each of its `unet/` and `vae/` (or `vqvae/`) folders. U-Nets are `UNet2DConditionModel`s
+or `UNet2DModel`s, autoencoders `AutoencoderKL`s or `VQModel`s: their configs map to module
+fields in `diffusers_config` and `diffusers_autoencoder_config` (re-exported here); weights
+map one to one through `convert.torch_to_flax` / `flax_to_torch` (a `VQModel`'s codebook
+`quantize.embedding.weight` is our `quantize/embedding`); no pickle is ever opened.
 """
 
 from __future__ import annotations
@@ -20,14 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.interop.convert import ImportedModel, flax_to_torch, torch_to_flax
-from ldm_jax.interop.diffusers_config import (
-    DEFAULT_SCALING_FACTOR,
-    UNET_CLASS_NAME,
+from ldm_jax.interop.diffusers_autoencoder_config import (
     VAE_CLASS_NAME,
-    unet_from_diffusers_config,
-    unet_to_diffusers_config,
+    VQ_CLASS_NAME,
     vae_from_diffusers_config,
     vae_to_diffusers_config,
+)
+from ldm_jax.interop.diffusers_config import (
+    DEFAULT_SCALING_FACTOR,
+    PLAIN_UNET_CLASS_NAME,
+    UNET_CLASS_NAME,
+    unet_diffusers_class,
+    unet_from_diffusers_config,
+    unet_to_diffusers_config,
 )
 from ldm_jax.interop.safetensors_io import (
     find_weights_file,
@@ -35,7 +42,7 @@ from ldm_jax.interop.safetensors_io import (
     refuse_pickle,
     write_safetensors,
 )
-from ldm_jax.models import AutoencoderKL, UNet
+from ldm_jax.models import AutoencoderKL, UNet, VQAutoencoder
 
 __all__ = [
     "load_diffusers_unet",
@@ -43,6 +50,7 @@ __all__ = [
     "params_to_state_dict",
     "save_diffusers_unet",
     "save_diffusers_vae",
+    "unet_diffusers_class",
     "unet_from_diffusers_config",
     "unet_params_from_state_dict",
     "unet_to_diffusers_config",
@@ -63,6 +71,8 @@ _LEGACY_ATTENTION_RENAMES = {
     "value": "to_v",
     "proj_attn": "to_out.0",
 }
+# A VQModel's codebook is an `nn.Embedding` inside `quantize`; ours a parameter of `quantize`.
+_CODEBOOK_NAMES = ("quantize.embedding.weight", "quantize.embedding")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,29 +88,41 @@ def unet_params_from_state_dict(unet: UNet, state_dict: Mapping[str, np.ndarray]
     return torch_to_flax(state_dict, _abstract_unet_params(unet), what="U-Net")
 
 
-def vae_params_from_state_dict(vae: AutoencoderKL, state_dict: Mapping[str, np.ndarray]) -> dict:
-    """The autoencoder's parameter tree from a diffusers state dict, old names included.
+def vae_params_from_state_dict(
+    vae: AutoencoderKL | VQAutoencoder, state_dict: Mapping[str, np.ndarray]
+) -> dict:
+    """The autoencoder's parameter tree from a diffusers `AutoencoderKL` or `VQModel` state
+    dict, old names included.
 
-    Checkpoints written before diffusers 0.14 name the mid-block attention projections
-    `query`, `key`, `value` and `proj_attn`; they are read as `to_q`, `to_k`, `to_v` and
-    `to_out.0`.
+    Checkpoints written before diffusers 0.14 name the attention projections `query`,
+    `key`, `value` and `proj_attn`; they are read as `to_q`, `to_k`, `to_v` and `to_out.0`.
 
     Raises:
       WeightsMismatchError: as `unet_params_from_state_dict`.
     """
-    renamed = {_current_attention_name(name): value for name, value in state_dict.items()}
+    diffusers_codebook, codebook = _CODEBOOK_NAMES
+    renamed = {
+        codebook if name == diffusers_codebook else _current_attention_name(name): value
+        for name, value in state_dict.items()
+    }
     return torch_to_flax(renamed, _abstract_vae_params(vae), what="autoencoder")
 
 
-# A Flax parameter tree to a diffusers (PyTorch) state dict: names, layouts, float32.
-params_to_state_dict = flax_to_torch
+def params_to_state_dict(params: Any) -> dict[str, np.ndarray]:
+    """A Flax parameter tree to a diffusers (PyTorch) state dict: names, layouts, float32."""
+    state_dict = flax_to_torch(params)
+    codebook = state_dict.pop("quantize.weight", None)  # `quantize/embedding`: a VQ codebook
+    if codebook is not None:
+        state_dict[_CODEBOOK_NAMES[0]] = codebook
+    return state_dict
 
 
 # ---------------------------------------------------------------------------------------------
 # Directories
 # ---------------------------------------------------------------------------------------------
 def load_diffusers_unet(path: str) -> ImportedModel:
-    """Reads a diffusers `UNet2DConditionModel` directory (a pipeline's `unet/`).
+    """Reads a diffusers `UNet2DConditionModel` or `UNet2DModel` directory (a pipeline's
+    `unet/`).
 
     Raises:
       FileNotFoundError: `path` lacks `config.json` or safetensors weights.
@@ -108,20 +130,24 @@ def load_diffusers_unet(path: str) -> ImportedModel:
       ValueError: the config uses an unsupported option (naming the key).
       WeightsMismatchError: the weights do not fit the config.
     """
-    config, state_dict = _read_model_directory(path, UNET_CLASS_NAME)
+    config, state_dict = _read_model_directory(
+        path, f"{UNET_CLASS_NAME} or {PLAIN_UNET_CLASS_NAME}"
+    )
     unet = unet_from_diffusers_config(config)
     return ImportedModel(unet, unet_params_from_state_dict(unet, state_dict))
 
 
 def load_diffusers_vae(path: str) -> ImportedModel:
-    """Reads a diffusers `AutoencoderKL` directory (a pipeline's `vae/`).
+    """Reads a diffusers `AutoencoderKL` or `VQModel` directory (a pipeline's `vae/` or
+    `vqvae/`): an `AutoencoderKL` or a `VQAutoencoder`.
 
-    The result's `extras["scaling_factor"]` is the config's latent scaling factor.
+    The result's `extras["scaling_factor"]` is the config's latent scaling factor (diffusers'
+    default 0.18215 when the config has none).
 
     Raises:
       As `load_diffusers_unet`.
     """
-    config, state_dict = _read_model_directory(path, VAE_CLASS_NAME)
+    config, state_dict = _read_model_directory(path, f"{VAE_CLASS_NAME} or {VQ_CLASS_NAME}")
     vae = vae_from_diffusers_config(config)
     scaling_factor = float(config.get("scaling_factor", DEFAULT_SCALING_FACTOR))
     return ImportedModel(
@@ -133,7 +159,8 @@ def save_diffusers_unet(
     unet: UNet, params: Any, out_dir: str, sample_size: int | None = None
 ) -> None:
     """Writes `config.json` and `diffusion_pytorch_model.safetensors` that diffusers'
-    `UNet2DConditionModel.from_pretrained(out_dir)` loads.
+    `from_pretrained(out_dir)` of the class computing as `unet` loads: `UNet2DModel` for
+    plain attention, else `UNet2DConditionModel` (see `unet_diffusers_class`).
 
     Args:
       unet: the U-Net.
@@ -142,17 +169,20 @@ def save_diffusers_unet(
       sample_size: the default latent side of diffusers pipelines, or None.
 
     Raises:
+      ValueError: no diffusers U-Net computes as `unet` (the message says why).
       WeightsMismatchError: `params` are not the parameters of `unet`.
     """
+    config = unet_to_diffusers_config(unet, sample_size)
     state_dict = params_to_state_dict(params)
     unet_params_from_state_dict(unet, state_dict)  # refuses params of another architecture
-    _write_model_directory(out_dir, unet_to_diffusers_config(unet, sample_size), state_dict)
+    _write_model_directory(out_dir, config, state_dict)
 
 
 def save_diffusers_vae(
-    vae: AutoencoderKL, params: Any, out_dir: str, scaling_factor: float
+    vae: AutoencoderKL | VQAutoencoder, params: Any, out_dir: str, scaling_factor: float
 ) -> None:
-    """Writes a directory that diffusers' `AutoencoderKL.from_pretrained(out_dir)` loads.
+    """Writes a directory that diffusers' `AutoencoderKL.from_pretrained(out_dir)` (or, for a
+    `VQAutoencoder`, `VQModel.from_pretrained`) loads.
 
     Args:
       vae: the autoencoder.
@@ -185,14 +215,14 @@ def _abstract_unet_params(unet: UNet) -> Any:
     x = jax.ShapeDtypeStruct((1, size, size, unet.in_channels), jnp.float32)
     timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
     context = None
-    if unet.context_dim is not None:
+    if unet.takes_context:
         context = jax.ShapeDtypeStruct((1, 1, unet.context_dim), jnp.float32)
     labels = None if unet.num_classes is None else jax.ShapeDtypeStruct((1,), jnp.int32)
     key = jax.random.key(0)
     return jax.eval_shape(unet.init, key, x, timesteps, context, labels)["params"]
 
 
-def _abstract_vae_params(vae: AutoencoderKL) -> Any:
+def _abstract_vae_params(vae: AutoencoderKL | VQAutoencoder) -> Any:
     """The autoencoder's parameter shapes, traced with the smallest images."""
     size = vae.downsample_factor
     images = jax.ShapeDtypeStruct((1, size, size, vae.in_channels), jnp.float32)

@@ -1,9 +1,16 @@
 """Whole pipelines: diffusers' `model_index.json` layout in, and out.
 
-A diffusers pipeline directory holds one folder per component (`unet/`, `vae/`,
-`text_encoder/`, `tokenizer/`, `scheduler/`). `load_diffusers_pipeline` reads the ones a
-latent diffusion model needs; `save_diffusers_pipeline` writes them back in the same layout,
-loadable by `diffusers.StableDiffusionPipeline.from_pretrained` when the text encoder is CLIP.
+A diffusers pipeline directory holds one folder per component. Two layouts are read and
+written:
+
+* `StableDiffusionPipeline`: `unet/`, `vae/` (an `AutoencoderKL`), `scheduler/`, and with a
+  CLIP text encoder `text_encoder/` and `tokenizer/`;
+* `LDMPipeline` (the unconditional CompVis LDMs, e.g. the hub's CompVis/ldm-celebahq-256):
+  `unet/` (a `UNet2DModel`), `vqvae/` (a `VQModel`) and `scheduler/`.
+
+`load_diffusers_pipeline` reads the components a latent diffusion model needs;
+`save_diffusers_pipeline` writes the layout of the autoencoder's kind (VQ: `LDMPipeline`),
+loadable by that diffusers pipeline's `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -17,7 +24,12 @@ from ldm_jax.data.clip_tokenizer import TOKENIZER_FILES
 from ldm_jax.interop import clip as clip_interop
 from ldm_jax.interop import diffusers as diffusers_interop
 from ldm_jax.interop.convert import ImportedModel
-from ldm_jax.interop.diffusers_config import DIFFUSERS_VERSION
+from ldm_jax.interop.diffusers_config import (
+    DIFFUSERS_VERSION,
+    PLAIN_UNET_CLASS_NAME,
+    unet_diffusers_class,
+)
+from ldm_jax.models import VQAutoencoder
 
 # diffusers' beta_schedule / prediction_type names to ours, and back.
 BETA_SCHEDULES = {
@@ -26,6 +38,13 @@ BETA_SCHEDULES = {
     "squaredcos_cap_v2": "cosine",
 }
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
+# The autoencoder's folder: `vqvae/` in an LDMPipeline, `vae/` in the others.
+VQ_AUTOENCODER_FOLDER, AUTOENCODER_FOLDER = "vqvae", "vae"
+
+
+def autoencoder_folder(autoencoder: Any) -> str:
+    """The pipeline folder of an autoencoder module: `vqvae` for a VQ one, else `vae`."""
+    return VQ_AUTOENCODER_FOLDER if isinstance(autoencoder, VQAutoencoder) else AUTOENCODER_FOLDER
 
 
 def _invert(table: dict[str, str]) -> dict[str, str]:
@@ -91,22 +110,32 @@ def _read_json(path: str) -> dict:
 def load_diffusers_pipeline(path: str) -> dict[str, Any]:
     """Reads a diffusers pipeline directory (`model_index.json` layout).
 
+    An `LDMPipeline`'s autoencoder is its `vqvae/`. A `VQModel`'s latent scale is the
+    `scaling_factor` of its `config.json`, or 1.0 when that has none: the LDMs on the hub
+    (written before diffusers had the key) were trained on unscaled latents, and diffusers'
+    default 0.18215, which its `LDMPipeline` divides by since 0.22, garbles them (diffusers
+    issue #6725).
+
     Returns:
-      {"unet": ImportedModel, "vae": ImportedModel (extras: scaling_factor),
-      "text_encoder": ImportedModel or None, "tokenizer": the tokenizer folder or None,
-      "schedule": our schedule settings (see `schedule_from_scheduler_config`),
-      "sample_size": the U-Net's latent size}.
+      {"unet": ImportedModel, "vae": ImportedModel (the autoencoder; extras:
+      scaling_factor), "text_encoder": ImportedModel or None, "tokenizer": the tokenizer
+      folder or None, "schedule": our schedule settings (see
+      `schedule_from_scheduler_config`), "sample_size": the U-Net's latent size}.
 
     Raises:
       FileNotFoundError: `model_index.json` or a component is missing (named).
     """
     index = _read_json(os.path.join(path, "model_index.json"))
-    for component in ("unet", "vae"):
+    folder = VQ_AUTOENCODER_FOLDER if VQ_AUTOENCODER_FOLDER in index else AUTOENCODER_FOLDER
+    for component in ("unet", folder):
         if component not in index:
             raise FileNotFoundError(f"{path}/model_index.json lists no {component!r} component")
     unet = diffusers_interop.load_diffusers_unet(os.path.join(path, "unet"))
     sample_size = _read_json(os.path.join(path, "unet", "config.json")).get("sample_size") or 64
-    vae = diffusers_interop.load_diffusers_vae(os.path.join(path, "vae"))
+    vae = diffusers_interop.load_diffusers_vae(os.path.join(path, folder))
+    vae_config = _read_json(os.path.join(path, folder, "config.json"))
+    if isinstance(vae.module, VQAutoencoder) and "scaling_factor" not in vae_config:
+        vae = ImportedModel(vae.module, vae.params, {**vae.extras, "scaling_factor": 1.0})
     text_encoder, tokenizer = None, None
     if index.get("text_encoder", [None])[0] is not None:
         text_encoder = clip_interop.load_clip_text_encoder(os.path.join(path, "text_encoder"))
@@ -144,9 +173,19 @@ def save_diffusers_pipeline(
     text_encoder: ImportedModel | None = None,
     tokenizer: str | None = None,
 ) -> None:
-    """Writes a pipeline directory: `unet/`, `vae/`, `scheduler/`, and with a CLIP text
-    encoder `text_encoder/`, `tokenizer/` and a `model_index.json` for
-    `StableDiffusionPipeline`."""
+    """Writes a pipeline directory: `unet/`, the autoencoder's folder, `scheduler/` and a
+    `model_index.json`; with a CLIP text encoder also `text_encoder/` and `tokenizer/`.
+
+    A VQ autoencoder makes an `LDMPipeline` (`vqvae/`), a KL one a `StableDiffusionPipeline`
+    (`vae/`). The index names the classes written (a U-Net with plain attention is a
+    `UNet2DModel`).
+
+    Raises:
+      ValueError: a VQ autoencoder with a model that is not an `LDMPipeline`'s
+        (unconditional, with a `UNet2DModel`), or a U-Net no diffusers class computes as.
+    """
+    unet_class = check_diffusers_pipeline(unet.module, vae.module, text_encoder)
+    folder = autoencoder_folder(vae.module)
     os.makedirs(out_dir, exist_ok=True)
     diffusers_interop.save_diffusers_unet(
         unet.module,
@@ -155,21 +194,27 @@ def save_diffusers_pipeline(
         sample_size=unet.extras.get("sample_size"),
     )
     diffusers_interop.save_diffusers_vae(
-        vae.module, vae.params, os.path.join(out_dir, "vae"), vae.extras["scaling_factor"]
+        vae.module, vae.params, os.path.join(out_dir, folder), vae.extras["scaling_factor"]
     )
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(scheduler_config(schedule), f, indent=2)
     index = {
-        "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", unet_class],
         "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
     }
+    if folder == VQ_AUTOENCODER_FOLDER:
+        index = {"_class_name": "LDMPipeline", **index, "vqvae": ["diffusers", "VQModel"]}
+    else:
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            **index,
+            "vae": ["diffusers", "AutoencoderKL"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
     if text_encoder is not None:
         clip_interop.save_clip_text_encoder(
             text_encoder.module,
@@ -182,3 +227,31 @@ def save_diffusers_pipeline(
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
+
+
+def check_diffusers_pipeline(unet: Any, vae: Any, text_encoder: ImportedModel | None) -> str:
+    """The diffusers class of `unet`, once sure a diffusers pipeline computes as the model.
+
+    Raises:
+      ValueError: no diffusers pipeline computes as this model (the message says why).
+    """
+    unet_class = unet_diffusers_class(unet)
+    if autoencoder_folder(vae) == VQ_AUTOENCODER_FOLDER:
+        _check_ldm_pipeline(unet, unet_class, text_encoder)
+    return unet_class
+
+
+def _check_ldm_pipeline(unet: Any, unet_class: str, text_encoder: ImportedModel | None) -> None:
+    """Refuses a model with a VQ autoencoder that diffusers' LDMPipeline cannot run."""
+    if text_encoder is not None or unet.num_classes is not None:
+        what = "a text encoder" if text_encoder is not None else "class labels"
+        raise ValueError(
+            f"a model with a VQ autoencoder is written as diffusers' LDMPipeline, which is "
+            f"unconditional, but this one takes {what}"
+        )
+    if unet_class != PLAIN_UNET_CLASS_NAME:
+        raise ValueError(
+            "a model with a VQ autoencoder is written as diffusers' LDMPipeline, whose unet is "
+            f"a {PLAIN_UNET_CLASS_NAME} (plain attention, diffusion.unet.attention_type="
+            f"'plain'), but this U-Net is a {unet_class}"
+        )

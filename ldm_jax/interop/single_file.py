@@ -1,17 +1,20 @@
 """Original Stable Diffusion / CompVis single-file checkpoints (safetensors only).
 
 One file holds the U-Net (`model.diffusion_model.`), the autoencoder
-(`first_stage_model.`) and, for Stable Diffusion, the CLIP text encoder
-(`cond_stage_model.`), named as the original code named its modules; the names map to
-diffusers' by the tables of `single_file_names`. The architecture is read off the tensor
-shapes: levels, channels, layers per block, attention levels, transformer depth, context
-width, 1x1-conv or linear transformer projections, class embeddings, latent channels.
+(`first_stage_model.`, KL or VQ) and the conditioning model (`cond_stage_model.`): for
+Stable Diffusion a CLIP text encoder, for CompVis' class-conditional ImageNet LDM the
+`ClassEmbedder` table, which becomes the U-Net's class embedding with
+`class_conditioning="context"`. Names map to diffusers' by the tables of
+`single_file_names` (and `single_file_attention` for CompVis' fused-qkv attention
+blocks); the architecture is read off the tensor shapes (`single_file_config`).
 
-What the shapes cannot tell comes from keyword arguments whose defaults are Stable
-Diffusion's: attention heads (8 per transformer with conv projections, as SD 1.x and
-CompVis LDMs; heads of width 64 with linear projections, as SD 2.x), the prediction type
+What the shapes cannot tell comes from keyword arguments whose defaults are the original
+models': attention heads (8 per transformer with conv projections, as SD 1.x; heads of
+width 64 with linear projections, as SD 2.x; heads of width 32 in CompVis LDMs, the files
+with a VQ first stage, a class embedder or plain attention blocks), the prediction type
 (epsilon; SD 2.x 768 "v" models need `prediction_type="v"`) and the autoencoder's scaling
-factor (the file's `scale_factor` when it has one, else 0.18215). The noise schedule is
+factor (the file's `scale_factor` when it has one, else 0.18215 for KL autoencoders, as
+Stable Diffusion, and 1 for VQ ones, as CompVis' LDMs). The noise schedule is
 read from the file's `betas` when present, else Stable Diffusion's. Training checkpoints'
 `model_ema.*` copies are passed over: the weights read are the `model.*` ones, which
 released "ema-only" files hold the EMA weights in.
@@ -40,8 +43,17 @@ from ldm_jax.interop.clip import (
 from ldm_jax.interop.convert import ImportedModel, flax_to_torch, torch_to_flax
 from ldm_jax.interop.diffusers_config import DEFAULT_SCALING_FACTOR
 from ldm_jax.interop.safetensors_io import read_safetensors, refuse_pickle, write_safetensors
+from ldm_jax.interop.single_file_attention import fuse_attention, split_fused_attention
+from ldm_jax.interop.single_file_config import (
+    COMPVIS_HEAD_WIDTH,
+    VQ_CODEBOOK,
+    shape_of,
+    unet_config_from_original,
+    vae_config_from_original,
+)
 from ldm_jax.interop.single_file_names import (
     AUTOENCODER_PREFIX,
+    CLASS_EMBEDDER_PREFIX,
     CLIP_PREFIX,
     COND_STAGE_PREFIX,
     OPEN_CLIP_PREFIX,
@@ -54,21 +66,20 @@ from ldm_jax.interop.single_file_names import (
     clip_layer_count,
     first_clip_layers,
     identity_clip_layer,
-    numbered_children,
     open_clip_to_transformers,
     transformers_to_open_clip,
     unet_from_original,
     unet_layout_from_names,
     unet_to_original,
 )
+from ldm_jax.models import VQAutoencoder
 from ldm_jax.models.clip import CLIPTextTransformer
 
 log = logging.getLogger(__name__)
 
-SD1_NUM_HEADS = 8
-SD2_HEAD_WIDTH = 64
 CLIP_HEAD_WIDTH = 64  # CLIP ViT-L/14 and OpenCLIP ViT-H/14 text towers alike
-NORM_NUM_GROUPS = 32  # every CompVis and Stable Diffusion model; GroupNorm shapes cannot tell
+VQ_SCALING_FACTOR = 1.0  # CompVis' LDMs on VQ first stages do not rescale their latents
+CLASS_TABLE = CLASS_EMBEDDER_PREFIX + "weight"
 # Stable Diffusion's training schedule and DDIM settings, as its scheduler_config.json.
 SD_SCHEDULE = dict(
     schedule="scaled_linear",
@@ -112,18 +123,19 @@ def load_single_file(
       prediction_type: what the U-Net predicts, one of `PREDICTION_TYPES`: "v" for the
         Stable Diffusion 2.x 768 models (`*-768-v`), "epsilon" for the others.
       num_heads: attention heads of every spatial transformer. Default: 8 with conv
-        projections (SD 1.x, CompVis LDMs), else heads of `head_width` channels.
+        projections (SD 1.x), else heads of `head_width` channels.
       head_width: channels per attention head (heads per level = channels // width);
-        64 by default with linear projections (SD 2.x).
+        64 by default with linear projections (SD 2.x), 32 in CompVis LDMs.
       text_encoder_heads: attention heads of the CLIP text encoder; default width // 64.
       scaling_factor: the autoencoder's latent scale; default the file's `scale_factor`,
-        else Stable Diffusion's 0.18215.
-      image_size: the training resolution in pixels, for `sample_size`; default 768 for
-        v-prediction, else 512.
+        else Stable Diffusion's 0.18215 (KL) or 1 (VQ).
+      image_size: the training resolution in pixels, for `sample_size`; default 256 for
+        CompVis LDMs, 768 for v-prediction, else 512.
 
     Returns:
       `{"unet": ..., "vae": ..., "text_encoder": ...}` `ImportedModel`s of the parts the
-      file holds (a text encoder only in a CLIP format). The U-Net's extras hold
+      file holds (a text encoder only in a CLIP format; a class embedder is part of the
+      U-Net). The U-Net's extras hold
       `prediction_type`, `sample_size` (latent side) and `schedule` (see `schedule_of`);
       the autoencoder's `scaling_factor`; the text encoder's `config` (its token ids).
 
@@ -145,20 +157,26 @@ def load_single_file(
             f"{sorted({name.split('.')[0] for name in tensors})[:5]})."
         )
     parts = _split_parts(path, tensors)
+    is_vq = VQ_CODEBOOK in parts[AUTOENCODER_PREFIX]
     if scaling_factor is None:
         stored = tensors.get("scale_factor")
-        scaling_factor = DEFAULT_SCALING_FACTOR if stored is None else float(stored.item())
+        default = VQ_SCALING_FACTOR if is_vq else DEFAULT_SCALING_FACTOR
+        scaling_factor = default if stored is None else float(np.asarray(stored).item())
+    class_table = parts[CLASS_EMBEDDER_PREFIX].get("weight")
+    compvis_ldm = is_vq or class_table is not None  # not a Stable Diffusion file
+    if compvis_ldm and num_heads is None and head_width is None:
+        head_width = COMPVIS_HEAD_WIDTH
     components = {}
     if parts[AUTOENCODER_PREFIX]:
         components["vae"] = _load_vae(parts[AUTOENCODER_PREFIX], scaling_factor)
     downsample_factor = components["vae"].module.downsample_factor if "vae" in components else 8
-    image_size = image_size or (768 if prediction_type == "v" else 512)
+    image_size = image_size or (256 if compvis_ldm else 768 if prediction_type == "v" else 512)
     extras = dict(
         prediction_type=prediction_type,
         sample_size=image_size // downsample_factor,
         schedule=_schedule(tensors.get("betas"), prediction_type),
     )
-    components["unet"] = _load_unet(parts[UNET_PREFIX], num_heads, head_width, extras)
+    components["unet"] = _load_unet(parts[UNET_PREFIX], num_heads, head_width, extras, class_table)
     if parts[CLIP_PREFIX]:
         components["text_encoder"] = _load_text_encoder(
             parts[CLIP_PREFIX], TEXT_ENCODER_ACTIVATIONS[CLIP_PREFIX], text_encoder_heads
@@ -189,16 +207,19 @@ def save_single_file(
     """Writes the given models to one safetensors file with the original names.
 
     The file loads where original Stable Diffusion checkpoints load (ComfyUI-style
-    tools, diffusers' `from_single_file`, `load_single_file`). As in the originals, the
-    autoencoder's scaling factor is not stored. A CLIP text encoder is written in SD 1's
-    format when its activation is quick_gelu, in SD 2's OpenCLIP format when gelu; the
-    layers skipped by `skip_last_layers` are left out, and an OpenCLIP tower gets one
-    last identity block, since its readers take the penultimate block's output.
+    tools, diffusers' `from_single_file`, `load_single_file`). The autoencoder's scaling
+    factor is stored (as `scale_factor`, like CompVis' scale_by_std models) only when it is
+    not the one readers assume: 0.18215 for KL autoencoders, 1 for VQ ones. A CLIP text
+    encoder is written in SD 1's format when its activation is quick_gelu, in SD 2's
+    OpenCLIP format when gelu; the layers skipped by `skip_last_layers` are left out, and
+    an OpenCLIP tower gets one last identity block, since its readers take the
+    penultimate block's output.
 
     Args:
       path: the `.safetensors` file to write.
-      unet: the U-Net (`.module` a `UNet`, `.params` its parameter tree), or None.
-      vae: the autoencoder (`AutoencoderKL` and params), or None.
+      unet: the U-Net (`.module` a `UNet`, `.params` its parameter tree), or None. A class
+        embedding that is the U-Net's context is written as CompVis' `ClassEmbedder`.
+      vae: the autoencoder (`AutoencoderKL` or `VQAutoencoder` and params), or None.
       text_encoder: the text encoder (`CLIPTextTransformer` and params), or None.
 
     Raises:
@@ -218,116 +239,44 @@ def save_single_file(
             layers_per_block=module.layers_per_block,
             attention_levels=tuple(bool(level) for level in module.attention_levels),
             mid_block_attention=module.mid_block_attention,
+            attention_type=module.attention_type,
         )
-        tensors |= _prefixed(UNET_PREFIX, unet_to_original(flax_to_torch(unet.params), layout))
+        state_dict = flax_to_torch(unet.params)
+        if module.num_classes is not None and module.class_conditioning == "context":
+            tensors[CLASS_TABLE] = state_dict.pop("class_embedding.weight")
+        if module.attention_type == "plain":
+            state_dict = fuse_attention(state_dict, module.heads_per_level)
+        tensors |= _prefixed(UNET_PREFIX, unet_to_original(state_dict, layout))
     if vae is not None:
         module = vae.module
         layout = AutoencoderLayout(
             levels=len(module.block_out_channels),
             layers_per_block=module.layers_per_block,
             mid_block_attention=module.mid_block_attention,
+            attention_levels=tuple(bool(level) for level in module.attention_levels),
         )
-        original = autoencoder_to_original(flax_to_torch(vae.params), layout)
+        state_dict = diffusers_interop.params_to_state_dict(vae.params)
+        original = autoencoder_to_original(state_dict, layout)
         tensors |= _prefixed(AUTOENCODER_PREFIX, original)
+        scale = vae.extras.get("scaling_factor")
+        if scale is not None and scale != _default_scaling_factor(vae.module):
+            tensors["scale_factor"] = np.asarray(scale, np.float32)  # as scale_by_std LDMs
     if text_encoder is not None:
         tensors |= _text_encoder_tensors(text_encoder.module, text_encoder.params)
     write_safetensors(tensors, path)
 
 
-def unet_config_from_original(
-    tensors: Mapping[str, np.ndarray],
-    *,
-    num_heads: int | None = None,
-    head_width: int | None = None,
-) -> dict[str, Any]:
-    """The diffusers `UNet2DConditionModel` config of original U-Net tensors.
-
-    Args:
-      tensors: the U-Net's tensors, `model.diffusion_model.` removed from their names.
-      num_heads: see `load_single_file`.
-      head_width: see `load_single_file`.
-
-    Raises:
-      ValueError: a tensor the architecture is read from is missing, or the heads do not
-        divide the channels.
-    """
-    layout = unet_layout_from_names(tensors)
-    step = layout.layers_per_block + 1
-    channels = [
-        _shape(tensors, f"input_blocks.{1 + level * step}.0.out_layers.3.weight", "U-Net")[0]
-        for level in range(layout.levels)
-    ]
-    config: dict[str, Any] = {
-        "in_channels": _shape(tensors, "input_blocks.0.0.weight", "U-Net")[1],
-        "out_channels": _shape(tensors, "out.2.weight", "U-Net")[0],
-        "block_out_channels": channels,
-        "layers_per_block": layout.layers_per_block,
-        "down_block_types": [
-            "CrossAttnDownBlock2D" if attention else "DownBlock2D"
-            for attention in layout.attention_levels
-        ],
-        "up_block_types": [
-            "CrossAttnUpBlock2D" if attention else "UpBlock2D"
-            for attention in reversed(layout.attention_levels)
-        ],
-        "mid_block_type": (
-            "UNetMidBlock2DCrossAttn" if layout.mid_block_attention else "UNetMidBlock2D"
-        ),
-        "norm_num_groups": NORM_NUM_GROUPS,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-    }
-    transformers = sorted(
-        name.removesuffix(".proj_in.weight") for name in tensors if name.endswith(".proj_in.weight")
-    )
-    if transformers:
-        first = transformers[0]
-        linear = tensors[f"{first}.proj_in.weight"].ndim == 2
-        context = _shape(tensors, f"{first}.transformer_blocks.0.attn2.to_k.weight", "U-Net")
-        config |= {
-            "cross_attention_dim": context[1],
-            "transformer_layers_per_block": len(
-                numbered_children(tensors, f"{first}.transformer_blocks")
-            ),
-            "use_linear_projection": linear,
-            "attention_head_dim": _attention_heads(channels, linear, num_heads, head_width),
-        }
-    if "label_emb.weight" in tensors:
-        config["num_class_embeds"] = int(tensors["label_emb.weight"].shape[0])
-    return config
-
-
-def vae_config_from_original(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """The diffusers `AutoencoderKL` config of original autoencoder tensors.
-
-    Args:
-      tensors: the autoencoder's tensors, `first_stage_model.` removed from their names.
-
-    Raises:
-      ValueError: a tensor the architecture is read from is missing.
-    """
-    layout = autoencoder_layout_from_names(tensors)
-    last = layout.layers_per_block - 1
-    return {
-        "in_channels": _shape(tensors, "encoder.conv_in.weight", "autoencoder")[1],
-        "out_channels": _shape(tensors, "decoder.conv_out.weight", "autoencoder")[0],
-        "latent_channels": _shape(tensors, "decoder.conv_in.weight", "autoencoder")[1],
-        "block_out_channels": [
-            _shape(tensors, f"encoder.down.{level}.block.{last}.conv2.weight", "autoencoder")[0]
-            for level in range(layout.levels)
-        ],
-        "layers_per_block": layout.layers_per_block,
-        "down_block_types": ["DownEncoderBlock2D"] * layout.levels,
-        "up_block_types": ["UpDecoderBlock2D"] * layout.levels,
-        "mid_block_add_attention": layout.mid_block_attention,
-        "norm_num_groups": NORM_NUM_GROUPS,
-    }
-
-
 def _split_parts(path: str, tensors: Mapping[str, np.ndarray]) -> dict[str, dict]:
     """`{prefix: {name without prefix: tensor}}` for the U-Net, autoencoder and CLIPs."""
     parts: dict[str, dict] = {
-        prefix: {} for prefix in (UNET_PREFIX, AUTOENCODER_PREFIX, CLIP_PREFIX, OPEN_CLIP_PREFIX)
+        prefix: {}
+        for prefix in (
+            UNET_PREFIX,
+            AUTOENCODER_PREFIX,
+            CLIP_PREFIX,
+            OPEN_CLIP_PREFIX,
+            CLASS_EMBEDDER_PREFIX,
+        )
     }
     other_text_encoder, unknown = [], []
     for name, value in tensors.items():
@@ -362,13 +311,37 @@ def _load_unet(
     num_heads: int | None,
     head_width: int | None,
     extras: dict[str, Any],
+    class_table: np.ndarray | None,
 ) -> ImportedModel:
     layout = unet_layout_from_names(tensors)
     state_dict = unet_from_original(tensors, layout)
     config = unet_config_from_original(tensors, num_heads=num_heads, head_width=head_width)
     module = diffusers_interop.unet_from_diffusers_config(config)
+    if layout.attention_type == "plain":
+        state_dict = split_fused_attention(state_dict, module.heads_per_level)
+    if class_table is not None:
+        module = _class_as_context(module, class_table)
+        state_dict = {**state_dict, "class_embedding.weight": class_table}
     params = diffusers_interop.unet_params_from_state_dict(module, state_dict)
     return ImportedModel(module=module, params=params, extras=extras)
+
+
+def _default_scaling_factor(autoencoder: Any) -> float:
+    """The latent scale `load_single_file` assumes when a file stores none."""
+    return VQ_SCALING_FACTOR if isinstance(autoencoder, VQAutoencoder) else DEFAULT_SCALING_FACTOR
+
+
+def _class_as_context(module: Any, class_table: np.ndarray) -> Any:
+    """The U-Net with CompVis' ClassEmbedder (`rows` classes) as its cross-attention token."""
+    rows, width = class_table.shape
+    if module.num_classes is not None or module.context_dim != width:
+        raise ValueError(
+            f"the class embedder {CLASS_TABLE} ({rows} x {width}) must be the only class "
+            f"conditioning of a U-Net whose cross-attention is {width} wide; this U-Net has "
+            f"context_dim={module.context_dim}, num_classes={module.num_classes}."
+        )
+    # The last row is the unconditional class of classifier-free guidance.
+    return module.clone(num_classes=rows - 1, class_conditioning="context")
 
 
 def _load_vae(tensors: Mapping[str, np.ndarray], scaling_factor: float) -> ImportedModel:
@@ -384,9 +357,9 @@ def _load_text_encoder(
 ) -> ImportedModel:
     """A `CLIPTextTransformer` from a transformers-named `CLIPTextModel` state dict."""
     embeddings = "text_model.embeddings."
-    tokens = _shape(state_dict, embeddings + "token_embedding.weight", "text encoder")
-    positions = _shape(state_dict, embeddings + "position_embedding.weight", "text encoder")
-    mlp = _shape(state_dict, "text_model.encoder.layers.0.mlp.fc1.weight", "text encoder")
+    tokens = shape_of(state_dict, embeddings + "token_embedding.weight", "text encoder")
+    positions = shape_of(state_dict, embeddings + "position_embedding.weight", "text encoder")
+    mlp = shape_of(state_dict, "text_model.encoder.layers.0.mlp.fc1.weight", "text encoder")
     if num_heads is None and tokens[1] % CLIP_HEAD_WIDTH:
         raise ValueError(
             f"the text encoder's width {tokens[1]} is not a multiple of CLIP's head width "
@@ -436,28 +409,6 @@ def _text_encoder_tensors(module: CLIPTextTransformer, params: Any) -> dict[str,
     return _prefixed(prefix, transformers_to_open_clip(state_dict))
 
 
-def _attention_heads(
-    channels: list[int], linear: bool, num_heads: int | None, head_width: int | None
-) -> int | list[int]:
-    """diffusers' `attention_head_dim`: a head count, or one per level (its SD 2 usage)."""
-    if num_heads is not None and head_width is not None:
-        raise ValueError(
-            f"give num_heads ({num_heads}) or head_width ({head_width}), not both: the "
-            "other follows from the channels."
-        )
-    if num_heads is not None:
-        return num_heads
-    if head_width is None and not linear:
-        return SD1_NUM_HEADS
-    width = head_width or SD2_HEAD_WIDTH
-    if any(level_channels % width for level_channels in channels):
-        raise ValueError(
-            f"head_width={width} does not divide the U-Net's channels {channels}: pass "
-            "num_heads or a head_width that divides them."
-        )
-    return [level_channels // width for level_channels in channels]
-
-
 def _schedule(betas: np.ndarray | None, prediction_type: str) -> dict[str, Any]:
     """Stable Diffusion's schedule, with the length and end points of the file's `betas`."""
     schedule = dict(SD_SCHEDULE, prediction_type=prediction_type)
@@ -476,15 +427,6 @@ def _schedule(betas: np.ndarray | None, prediction_type: str) -> dict[str, Any]:
         schedule |= {"beta_start": float(f"{start:.4g}"), "beta_end": float(f"{end:.4g}")}
     schedule["num_timesteps"] = len(betas)
     return schedule
-
-
-def _shape(tensors: Mapping[str, np.ndarray], name: str, what: str) -> tuple[int, ...]:
-    if name not in tensors:
-        raise ValueError(
-            f"the {what} has no tensor {name!r}, which its architecture is read from: the "
-            "checkpoint is incomplete or not an original Stable Diffusion / CompVis one."
-        )
-    return tuple(int(size) for size in tensors[name].shape)
 
 
 def _prefixed(prefix: str, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -10,11 +10,14 @@ module prefixes is built per model, the same table read in both directions:
   downsampling conv at `input_blocks.{i}.0.op`), `middle_block.{0,1,2}`, and
   `output_blocks.{i}.{0,1,2}` the up path (the upsampling conv last, at `.1.conv` or
   `.2.conv`); inside a resnet `in_layers.{0,2}`, `emb_layers.1`, `out_layers.{0,3}`,
-  `skip_connection`; transformers keep diffusers' inner names.
-* Autoencoder: `encoder.down.{i}.block.{j}`, `decoder.up.{i}.block.{j}` with the decoder's
-  levels numbered from the deepest (`up.{i}` is diffusers' `up_blocks[L - 1 - i]`),
-  `mid.block_{1,2}`, `mid.attn_1.{norm,q,k,v,proj_out}` (1x1 convolution weights),
-  `nin_shortcut`, `norm_out`.
+  `skip_connection`; transformers keep diffusers' inner names. The unconditional CompVis
+  LDMs attend with plain blocks `{norm, qkv, proj_out}` instead (diffusers' `group_norm`,
+  fused `to_q`/`to_k`/`to_v`, `to_out.0`: see `single_file_attention`).
+* Autoencoder: `encoder.down.{i}.block.{j}` (and `.attn.{j}`), `decoder.up.{i}.block.{j}`
+  with the decoder's levels numbered from the deepest (`up.{i}` is diffusers'
+  `up_blocks[L - 1 - i]`), `mid.block_{1,2}`, `mid.attn_1.{norm,q,k,v,proj_out}` (1x1
+  convolution weights), `nin_shortcut`, `norm_out`; a VQ model's codebook is
+  `quantize.embedding.weight` in both.
 
 The text encoder is either transformers' `CLIPTextModel` (Stable Diffusion 1,
 `cond_stage_model.transformer.`, names unchanged) or OpenCLIP's text tower (Stable
@@ -35,6 +38,8 @@ AUTOENCODER_PREFIX = "first_stage_model."
 COND_STAGE_PREFIX = "cond_stage_model."
 CLIP_PREFIX = COND_STAGE_PREFIX + "transformer."
 OPEN_CLIP_PREFIX = COND_STAGE_PREFIX + "model."
+# CompVis' ClassEmbedder (class-conditional ImageNet LDM): one table, a class per row.
+CLASS_EMBEDDER_PREFIX = COND_STAGE_PREFIX + "embedding."
 
 # Inside a U-Net resnet: diffusers' module name -> the original's.
 _UNET_RESNET_NAMES = {
@@ -45,6 +50,8 @@ _UNET_RESNET_NAMES = {
     "conv2": "out_layers.3",
     "conv_shortcut": "skip_connection",
 }
+# Inside CompVis' plain attention blocks (U-Nets without transformers); `qkv` stays fused.
+_UNET_PLAIN_ATTENTION_NAMES = {"group_norm": "norm", "to_out.0": "proj_out"}
 # Inside autoencoder resnets and the mid-block attention.
 _AUTOENCODER_INNER_NAMES = {
     "conv_shortcut": "nin_shortcut",
@@ -89,6 +96,7 @@ class UNetLayout:
     layers_per_block: int
     attention_levels: tuple[bool, ...]
     mid_block_attention: bool
+    attention_type: str = "transformer"  # or "plain": CompVis' qkv attention blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +106,7 @@ class AutoencoderLayout:
     levels: int
     layers_per_block: int
     mid_block_attention: bool
+    attention_levels: tuple[bool, ...] = ()  # empty: no level attends
 
 
 def unet_module_table(layout: UNetLayout) -> dict[str, str]:
@@ -143,8 +152,9 @@ def unet_module_table(layout: UNetLayout) -> dict[str, str]:
 
 def autoencoder_module_table(layout: AutoencoderLayout) -> dict[str, str]:
     """diffusers module prefix -> original prefix, for every module of the autoencoder."""
-    table = {name: name for name in ("quant_conv", "post_quant_conv")}
+    table = {name: name for name in ("quant_conv", "post_quant_conv", "quantize")}
     last = layout.levels - 1
+    attends = layout.attention_levels or (False,) * layout.levels
     for part in ("encoder", "decoder"):
         table[f"{part}.conv_in"] = f"{part}.conv_in"
         table[f"{part}.conv_norm_out"] = f"{part}.norm_out"
@@ -156,6 +166,10 @@ def autoencoder_module_table(layout: AutoencoderLayout) -> dict[str, str]:
     for level in range(layout.levels):
         for j in range(layout.layers_per_block):
             table[f"encoder.down_blocks.{level}.resnets.{j}"] = f"encoder.down.{level}.block.{j}"
+            if attends[level]:
+                table[f"encoder.down_blocks.{level}.attentions.{j}"] = (
+                    f"encoder.down.{level}.attn.{j}"
+                )
         if level < last:
             table[f"encoder.down_blocks.{level}.downsamplers.0.conv"] = (
                 f"encoder.down.{level}.downsample.conv"
@@ -164,6 +178,8 @@ def autoencoder_module_table(layout: AutoencoderLayout) -> dict[str, str]:
         level = last - up
         for j in range(layout.layers_per_block + 1):
             table[f"decoder.up_blocks.{up}.resnets.{j}"] = f"decoder.up.{level}.block.{j}"
+            if attends[level]:
+                table[f"decoder.up_blocks.{up}.attentions.{j}"] = f"decoder.up.{level}.attn.{j}"
         if up < last:
             table[f"decoder.up_blocks.{up}.upsamplers.0.conv"] = f"decoder.up.{level}.upsample.conv"
     return table
@@ -224,9 +240,16 @@ def unet_to_original(
     Raises:
       ValueError: a tensor is not part of a U-Net of this layout.
     """
-    renamed, unknown = _apply_table(tensors, unet_module_table(layout), _UNET_RESNET_NAMES)
-    _raise_unknown(unknown, "U-Net", "a diffusers UNet2DConditionModel")
+    renamed, unknown = _apply_table(tensors, unet_module_table(layout), _unet_inner_names(layout))
+    _raise_unknown(unknown, "U-Net", "a diffusers UNet2DConditionModel or UNet2DModel")
     return renamed
+
+
+def _unet_inner_names(layout: UNetLayout) -> dict[str, str]:
+    """Names inside the U-Net's modules; plain attention's only where no transformer is."""
+    if layout.attention_type == "plain":
+        return _UNET_RESNET_NAMES | _UNET_PLAIN_ATTENTION_NAMES
+    return _UNET_RESNET_NAMES
 
 
 def unet_from_original(
@@ -239,11 +262,9 @@ def unet_from_original(
         `qkv` attention blocks, SDXL's embeddings, ...).
     """
     renamed, unknown = _apply_table(
-        tensors, _inverse(unet_module_table(layout)), _inverse(_UNET_RESNET_NAMES)
+        tensors, _inverse(unet_module_table(layout)), _inverse(_unet_inner_names(layout))
     )
-    _raise_unknown(
-        unknown, "U-Net", f"a Stable Diffusion U-Net with spatial transformers ({layout})"
-    )
+    _raise_unknown(unknown, "U-Net", f"a Stable Diffusion / CompVis U-Net ({layout})")
     return renamed
 
 
@@ -258,7 +279,7 @@ def autoencoder_to_original(
     renamed, unknown = _apply_table(
         tensors, autoencoder_module_table(layout), _AUTOENCODER_INNER_NAMES, "conv"
     )
-    _raise_unknown(unknown, "autoencoder", "a diffusers AutoencoderKL")
+    _raise_unknown(unknown, "autoencoder", "a diffusers AutoencoderKL or VQModel")
     return renamed
 
 
@@ -276,7 +297,7 @@ def autoencoder_from_original(
         _inverse(_AUTOENCODER_INNER_NAMES),
         "dense",
     )
-    _raise_unknown(unknown, "autoencoder", f"a Stable Diffusion KL autoencoder ({layout})")
+    _raise_unknown(unknown, "autoencoder", f"a CompVis KL or VQ autoencoder ({layout})")
     return renamed
 
 
@@ -299,11 +320,22 @@ def unet_layout_from_names(names: Iterable[str]) -> UNetLayout:
             f"{len(downsamplers)} downsamplers)."
         )
     first_blocks = [1 + level * (layers_per_block + 1) for level in range(levels)]
+    fused = sorted(name for name in names if name.endswith(".qkv.weight"))
+    if fused and any(name.endswith(".proj_in.weight") for name in names):
+        raise ValueError(
+            f"the U-Net tensors mix spatial transformers with CompVis' plain qkv attention "
+            f"blocks (e.g. {fused[:3]}), as no supported model does."
+        )
+
+    def attends(module: str) -> bool:  # a spatial transformer or a plain attention block
+        return f"{module}.proj_in.weight" in names or f"{module}.qkv.weight" in names
+
     return UNetLayout(
         levels=levels,
         layers_per_block=layers_per_block,
-        attention_levels=tuple(f"input_blocks.{i}.1.proj_in.weight" in names for i in first_blocks),
-        mid_block_attention="middle_block.1.proj_in.weight" in names,
+        attention_levels=tuple(attends(f"input_blocks.{i}.1") for i in first_blocks),
+        mid_block_attention=attends("middle_block.1"),
+        attention_type="plain" if fused else "transformer",
     )
 
 
@@ -311,10 +343,12 @@ def autoencoder_layout_from_names(names: Iterable[str]) -> AutoencoderLayout:
     """The layout of an original autoencoder from its tensor names (prefix removed)."""
     names = set(names)
     levels = len(numbered_children(names, "encoder.down"))
+    attention = tuple(f"encoder.down.{level}.attn.0.q.weight" in names for level in range(levels))
     return AutoencoderLayout(
         levels=levels,
         layers_per_block=len(numbered_children(names, "encoder.down.0.block")),
         mid_block_attention="encoder.mid.attn_1.q.weight" in names,
+        attention_levels=attention if any(attention) else (),
     )
 
 

@@ -1,9 +1,10 @@
 """`ldm-jax import` and `ldm-jax export`: between workdirs and other formats.
 
-An imported workdir holds the weights as diffusers / transformers folders (`unet/`, `vae/`,
-`text_encoder/`, `tokenizer/`) and a `config.json` describing the same architecture that
-names them (paths relative to the workdir), so `ldm-jax sample` draws from it at once and
-`ldm-jax train --config=configs/workdir.py:DIR` fine-tunes it.
+An imported workdir holds the weights as diffusers / transformers folders (`unet/`, `vae/`
+or, with a VQ autoencoder, `vqvae/`, `text_encoder/`, `tokenizer/`) and a `config.json`
+describing the same architecture that names them (paths relative to the workdir), so
+`ldm-jax sample` draws from it at once and `ldm-jax train --config=configs/workdir.py:DIR`
+fine-tunes it.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from ldm_jax.interop import single_file
 from ldm_jax.interop.convert import ImportedModel
 from ldm_jax.interop.formats import EXPORT_FORMATS, IMPORT_FORMATS
 from ldm_jax.interop.pipeline import (
+    autoencoder_folder,
+    check_diffusers_pipeline,
     copy_tokenizer,
     load_diffusers_pipeline,
     save_diffusers_pipeline,
 )
+from ldm_jax.models import UNet, VQAutoencoder
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
 from ldm_jax.train import diffusion as diffusion_stage
@@ -35,10 +39,17 @@ from ldm_jax.train import diffusion as diffusion_stage
 log = logging.getLogger(__name__)
 
 # The sampling defaults of Stable Diffusion's own pipelines.
+# The weights of a model that no diffusers pipeline computes as, in original names.
+SINGLE_FILE_NAME = "model.safetensors"
 _SD_SAMPLING = dict(sampler="ddim", num_steps=50, guidance_scale=7.5, eta=0.0)
 
 
 def _unet_config(config: ml_collections.ConfigDict, unet: Any) -> None:
+    if unet.norm_eps != UNet.norm_eps:
+        raise ValueError(
+            f"the U-Net's GroupNorm epsilon is {unet.norm_eps}; the config describes U-Nets "
+            f"with {UNet.norm_eps} only"
+        )
     u = config.diffusion.unet
     u.block_out_channels = tuple(unet.block_out_channels)
     u.layers_per_block = unet.layers_per_block
@@ -56,14 +67,18 @@ def _unet_config(config: ml_collections.ConfigDict, unet: Any) -> None:
             "head width; the config cannot describe them"
         )
     u.transformer_depth = unet.transformer_depth
+    u.attention_type = unet.attention_type
     u.use_linear_projection = unet.use_linear_projection
     u.norm_num_groups = unet.norm_num_groups
     u.flip_sin_to_cos = unet.flip_sin_to_cos
     u.freq_shift = int(unet.freq_shift)
+    u.dropout = unet.dropout
     u.pretrained = "unet"
     if unet.num_classes is not None:
         config.diffusion.conditioning = "class"
         config.data.num_classes = unet.num_classes
+        class_context = unet.class_conditioning == "context"
+        u.class_context_dim = unet.context_dim if class_context else 0
     elif unet.context_dim is None:
         config.diffusion.conditioning = "none"
 
@@ -75,7 +90,11 @@ def _autoencoder_config(config: ml_collections.ConfigDict, vae: Any) -> None:
     m.latent_channels = vae.latent_channels
     m.norm_num_groups = vae.norm_num_groups
     m.mid_block_attention = vae.mid_block_attention
-    config.autoencoder.pretrained = "vae"
+    m.attention_levels = tuple(bool(a) for a in vae.attention_levels)
+    if isinstance(vae, VQAutoencoder):
+        config.autoencoder.kind = "vq"
+        m.num_embeddings = vae.num_embeddings
+    config.autoencoder.pretrained = autoencoder_folder(vae)
 
 
 def _text_encoder_config(config: ml_collections.ConfigDict, text_encoder: Any) -> None:
@@ -119,15 +138,27 @@ def _write_workdir(
         raise FileExistsError(
             f"{workdir} already holds a run (config.json): import into a new --workdir"
         )
-    unet = pipeline["unet"]
-    save_diffusers_pipeline(
-        workdir,
-        unet=ImportedModel(unet.module, unet.params, {"sample_size": pipeline["sample_size"]}),
-        vae=pipeline["vae"],
-        schedule=pipeline["schedule"],
-        text_encoder=pipeline["text_encoder"],
-        tokenizer=pipeline["tokenizer"],
-    )
+    unet, vae = pipeline["unet"], pipeline["vae"]
+    try:
+        check_diffusers_pipeline(unet.module, vae.module, pipeline["text_encoder"])
+    except ValueError as no_pipeline:
+        # No diffusers pipeline computes as this model (CompVis' class-conditional ImageNet
+        # LDM): its U-Net and autoencoder are kept as one original single file instead.
+        log.info("%s; keeping the weights as %s", no_pipeline, SINGLE_FILE_NAME)
+        if pipeline["text_encoder"] is not None:
+            raise
+        os.makedirs(workdir, exist_ok=True)
+        single_file.save_single_file(os.path.join(workdir, SINGLE_FILE_NAME), unet=unet, vae=vae)
+        config.diffusion.unet.pretrained = config.autoencoder.pretrained = SINGLE_FILE_NAME
+    else:
+        save_diffusers_pipeline(
+            workdir,
+            unet=ImportedModel(unet.module, unet.params, {"sample_size": pipeline["sample_size"]}),
+            vae=vae,
+            schedule=pipeline["schedule"],
+            text_encoder=pipeline["text_encoder"],
+            tokenizer=pipeline["tokenizer"],
+        )
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config_lib.to_json(config))
 
@@ -138,11 +169,13 @@ def import_model(
     workdir: str,
     tokenizer: str | None = None,
     prediction_type: str | None = None,
+    image_size: int | None = None,
 ) -> str:
     """Imports `path` of format `kind` (one of IMPORT_FORMATS) into `workdir`.
 
-    `tokenizer` (a CLIP tokenizer folder) and `prediction_type` ("epsilon" by default; "v"
-    for Stable Diffusion 2 768-v models) are for single files, which store neither.
+    `tokenizer` (a CLIP tokenizer folder), `prediction_type` ("epsilon" by default; "v"
+    for Stable Diffusion 2 768-v models) and `image_size` (pixels; see `load_single_file`)
+    are for single files, which store none of them.
 
     Returns:
       A line for the user saying what was written and what to run next.
@@ -152,7 +185,7 @@ def import_model(
     if kind == "diffusers":
         pipeline = load_diffusers_pipeline(path)
     elif kind == "single-file":
-        pipeline = _single_file_pipeline(path, tokenizer, prediction_type or "epsilon")
+        pipeline = _single_file_pipeline(path, tokenizer, prediction_type or "epsilon", image_size)
     else:
         raise ValueError(f"--from={kind!r} is not a format; choose one of {IMPORT_FORMATS}")
     config = workdir_config(
@@ -163,15 +196,22 @@ def import_model(
         pipeline["sample_size"],
     )
     _write_workdir(workdir, config, pipeline)
+    condition = {"text": " --prompt=...", "class": " --label=N"}.get(
+        config.diffusion.conditioning, ""
+    )
     return (
         f"imported {path} into {workdir}; draw with `ldm-jax sample --workdir={workdir} "
-        f"--prompt=...`, fine-tune with `ldm-jax train --config=configs/workdir.py:{workdir} "
+        f"--num=4{condition}`, fine-tune with `ldm-jax train --config=configs/workdir.py:{workdir} "
         f"--workdir={workdir} --config.data.source=image_folder --config.data.path=...`"
     )
 
 
-def _single_file_pipeline(path: str, tokenizer: str | None, prediction_type: str) -> dict[str, Any]:
-    components = single_file.load_single_file(path, prediction_type=prediction_type)
+def _single_file_pipeline(
+    path: str, tokenizer: str | None, prediction_type: str, image_size: int | None
+) -> dict[str, Any]:
+    components = single_file.load_single_file(
+        path, prediction_type=prediction_type, image_size=image_size
+    )
     for name in ("unet", "vae"):
         if name not in components:
             raise ValueError(f"{path} holds no {name}: a single file must have both")
@@ -270,11 +310,6 @@ def export_workdir(workdir: str, to: str, out: str, raw: bool = False) -> str:
     """Writes a workdir's model as a diffusers pipeline folder or one safetensors file."""
     if to not in EXPORT_FORMATS:
         raise ValueError(f"--to={to!r} is not a format; choose one of {EXPORT_FORMATS}")
-    if config_lib.load_workdir_config(workdir).autoencoder.kind != "kl":
-        raise ValueError(
-            f"{workdir} has a VQ autoencoder: export writes KL autoencoders (diffusers "
-            "AutoencoderKL, the Stable Diffusion single-file layout) only"
-        )
     if to == "diffusers":
         export_diffusers(workdir, out, raw)
         if config_lib.load_workdir_config(workdir).diffusion.text_encoder.kind == "scratch":

@@ -252,6 +252,14 @@ def train(
 ) -> TrainState:
     """Trains stage 2 to ``config.diffusion.train.steps``; writes sample grids as it goes."""
     train_config = config.diffusion.train
+    classes = config_lib.num_classes(config)
+    if config.diffusion.conditioning == "class" and config.data.source == "shapes":
+        if classes != shapes.NUM_CLASSES:  # an imported model's classes are not these
+            raise config_lib.ConfigError(
+                f"the model has {classes} classes (config.data.num_classes) but the shapes "
+                f"dataset {shapes.NUM_CLASSES}: train it on its own data "
+                "(--config.data.source=image_folder --config.data.path=...)"
+            )
     ae_params, ae_shardings, latent_scale = frozen_inputs.load_autoencoder(
         config, workdir, mesh, rules
     )

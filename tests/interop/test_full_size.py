@@ -101,3 +101,38 @@ def test_compvis_autoencoder_configs_match_diffusers_counts(variant):
     assert ours == theirs
     if variant == "f8":
         assert ours == 83_653_863  # Stable Diffusion's autoencoder
+
+
+CELEBAHQ_UNET_PARAMETERS = 274_056_163
+
+
+def test_celebahq_ldm_unet_is_diffusers_unet2d_of_the_same_parameter_count():
+    """The CompVis CelebA-HQ LDM-4 U-Net (plain attention, 32-wide heads) is a UNet2DModel."""
+    unet = builders.build_unet(load_config("ldm_celebahq256"))
+    assert unet.attention_type == "plain" and unet.heads_per_level == (7, 14, 21, 28)
+
+    def init(key):
+        latents = jnp.zeros((1, 64, 64, 3), jnp.float32)
+        return unet.init(key, latents, jnp.zeros((1,), jnp.int32))["params"]
+
+    config = diffusers_interop.unet_to_diffusers_config(unet)
+    assert config["_class_name"] == "UNet2DModel" and config["attention_head_dim"] == 32
+    ours = _count(init, jax.random.key(0, impl="rbg"))
+    assert ours == _diffusers_count(diffusers.UNet2DModel, config) == CELEBAHQ_UNET_PARAMETERS
+
+
+@pytest.mark.parametrize(
+    "name,parameters", [("ldm_celebahq256", 55_322_782), ("autoencoder_vq_f8", 67_717_295)]
+)
+def test_compvis_vq_first_stages_match_diffusers_vq_model_counts(name, parameters):
+    """vq-f4 (the CelebA-HQ LDM's) and vq-f8 (attention at its last level)."""
+    vq = builders.build_autoencoder(load_config(name))
+
+    def init(key):
+        images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+        return vq.init(key, images, False)["params"]
+
+    config = diffusers_interop.vae_to_diffusers_config(vq, 1.0)
+    assert config["_class_name"] == "VQModel"
+    ours = _count(init, jax.random.key(0, impl="rbg"))
+    assert ours == _diffusers_count(diffusers.VQModel, config) == parameters

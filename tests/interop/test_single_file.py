@@ -25,13 +25,8 @@ from ldm_jax.interop.diffusers import (
     vae_params_from_state_dict,
 )
 from ldm_jax.interop.safetensors_io import PickleRefusedError, read_safetensors, write_safetensors
-from ldm_jax.interop.single_file import (
-    load_single_file,
-    save_single_file,
-    schedule_of,
-    unet_config_from_original,
-    vae_config_from_original,
-)
+from ldm_jax.interop.single_file import load_single_file, save_single_file, schedule_of
+from ldm_jax.interop.single_file_config import unet_config_from_original, vae_config_from_original
 from ldm_jax.interop.single_file_names import (
     AutoencoderLayout,
     UNetLayout,
@@ -175,7 +170,9 @@ def test_diffusers_converter_reads_exported_open_clip_names_back():
     )
 
 
-def assert_config_has(config: dict, inferred: dict) -> None:
+def assert_config_has(model, inferred: dict) -> None:
+    assert inferred.pop("_class_name") == type(model).__name__
+    config = model.config
     for key, value in inferred.items():
         expected = config[key]
         assert value == (list(expected) if isinstance(expected, (list, tuple)) else expected), key
@@ -186,7 +183,7 @@ def test_unet_architecture_read_off_the_tensor_shapes(variant):
     model = torch_unet(variant)
     original = unet_to_original(numpy_state_dict(model), unet_layout(UNET_CONFIGS[variant]))
     inferred = unet_config_from_original(original, head_width=HEAD_WIDTHS[variant])
-    assert_config_has(model.config, inferred)
+    assert_config_has(model, inferred)
     assert unet_config_from_original(original, num_heads=2)["attention_head_dim"] == 2
     if variant == "sd2":  # linear projections default to SD 2's heads of width 64
         with pytest.raises(ValueError, match="head_width=64 does not divide"):
@@ -196,7 +193,7 @@ def test_unet_architecture_read_off_the_tensor_shapes(variant):
 def test_autoencoder_architecture_read_off_the_tensor_shapes():
     model = torch_vae()
     original = autoencoder_to_original(numpy_state_dict(model), VAE_LAYOUT)
-    assert_config_has(model.config, vae_config_from_original(original))
+    assert_config_has(model, vae_config_from_original(original))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +345,7 @@ def test_unknown_tensors_are_listed(tmp_path):
 def test_unet_tensors_of_unsupported_blocks_are_listed(tmp_path):
     model = torch_unet("sd1")
     original = unet_to_original(numpy_state_dict(model), unet_layout(UNET_CONFIGS["sd1"]))
-    # A CompVis class-conditional LDM's attention: qkv as one 1D conv, no transformer.
+    # CompVis' plain attention (qkv as one 1D conv) beside spatial transformers.
     original["input_blocks.3.1.qkv.weight"] = np.zeros((192, 64, 1))
     path = str(tmp_path / "legacy_attention.safetensors")
     write_safetensors({f"model.diffusion_model.{k}": v for k, v in original.items()}, path)

@@ -1,12 +1,14 @@
 """Stage-2 training speed from a latent cache against encoding images at every step.
 
-  python benchmarks/latent_cache.py [--config=configs/quickstart.py] [--steps=40]
+  python benchmarks/latent_cache.py [--config=configs/quickstart.py] [--steps=40] [--rounds=4]
 
 Both runs use the config's stage-2 model, batch and data pipeline (grain, one process); the
 only difference is the source: images through the frozen encoder, or the posterior means
 and stds that `ldm-jax cache-latents` wrote. The autoencoder is untrained: speed does not
-depend on its weights. Prints steps/s of each and their ratio; timing excludes compilation.
-It is a measurement, never a test.
+depend on its weights. The timed steps alternate between the two in rounds, so a change in
+the machine's load weighs on both alike. Prints steps/s of each (and the process's CPU time
+per step, which other processes on the machine disturb less) and their ratios; timing
+excludes compilation. It is a measurement, never a test.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 import json
 import tempfile
 import time
+from collections.abc import Callable
 
 import jax
 from absl import app, flags
@@ -33,6 +36,7 @@ from ldm_jax.train.state import make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", lock_config=False)
 _STEPS = flags.DEFINE_integer("steps", 40, "Timed steps per source (after 3 warm-up steps).")
+_ROUNDS = flags.DEFINE_integer("rounds", 4, "Rounds the timed steps alternate in.")
 _RECORDS = flags.DEFINE_integer("records", 4096, "Training records to encode and cache.")
 
 
@@ -47,7 +51,8 @@ def _stage1_workdir(config, workdir: str, mesh, rules) -> None:
     autoencoder_stage.write_latent_scale(workdir, 1.0, 0)
 
 
-def _steps_per_second(config, source, encoded: bool, mesh, rules, workdir: str) -> float:
+def _runner(config, source, encoded: bool, mesh, rules, workdir: str) -> Callable[[int], None]:
+    """``run(n)``: n stage-2 steps on batches from ``source``, waiting for the last one."""
     ae_params, ae_shardings, scale = frozen.load_autoencoder(config, workdir, mesh, rules)
     image_source = data_lib.make_source(config.data, config.data.train_split, config.seed)
     tokenizer, text_encoder, extra, extra_shardings = frozen.load_conditioning(
@@ -87,15 +92,29 @@ def _steps_per_second(config, source, encoded: bool, mesh, rules, workdir: str) 
     )
     frozen_params = {**extra, "autoencoder": ae_params}
     key = jax.random.key(1)
-    with jax.set_mesh(mesh):
-        for _ in range(3):
-            state, metrics = step(state, next(batches), key, frozen_params)
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(_STEPS.value):
-            state, metrics = step(state, next(batches), key, frozen_params)
-        jax.block_until_ready(metrics)
-    return _STEPS.value / (time.perf_counter() - start)
+
+    def run(num_steps: int) -> None:
+        nonlocal state
+        with jax.set_mesh(mesh):
+            for _ in range(num_steps):
+                state, metrics = step(state, next(batches), key, frozen_params)
+            jax.block_until_ready(metrics)
+
+    run(3)  # compiles
+    return run
+
+
+def _timed_rounds(runners: dict[str, Callable[[int], None]]) -> dict[str, tuple[float, float]]:
+    """Per runner: (steps/s, CPU seconds per step) over ``--steps`` steps in alternating rounds."""
+    wall, cpu = dict.fromkeys(runners, 0.0), dict.fromkeys(runners, 0.0)
+    for round_index in range(_ROUNDS.value):
+        round_steps = _STEPS.value // _ROUNDS.value + (round_index < _STEPS.value % _ROUNDS.value)
+        for name, run in runners.items():
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
+            run(round_steps)
+            wall[name] += time.perf_counter() - wall_start
+            cpu[name] += time.process_time() - cpu_start
+    return {name: (_STEPS.value / wall[name], cpu[name] / _STEPS.value) for name in runners}
 
 
 def main(_):
@@ -111,21 +130,37 @@ def main(_):
         metadata = cache_latents(config, workdir, cache_dir, mesh, rules)
         caching = time.perf_counter() - start
         images = data_lib.make_source(config.data, config.data.train_split, config.seed)
-        on_the_fly = _steps_per_second(config, images, False, mesh, rules, workdir)
-        cached = _steps_per_second(config, LatentCacheSource(cache_dir), True, mesh, rules, workdir)
+        results = _timed_rounds(
+            {
+                "images + encoder": _runner(config, images, False, mesh, rules, workdir),
+                "latent cache": _runner(
+                    config, LatentCacheSource(cache_dir), True, mesh, rules, workdir
+                ),
+            }
+        )
+    (on_the_fly, on_the_fly_cpu), (cached, cached_cpu) = results.values()
     batch = config.diffusion.train.batch_size
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; stage-2 batch {batch}")
     print(f"caching {metadata['num_records']} records: {caching:.1f} s")
-    print(f"{'source':<22} {'steps/s':>8} {'images/s':>9}")
-    print(f"{'images + encoder':<22} {on_the_fly:>8.2f} {on_the_fly * batch:>9.1f}")
-    print(f"{'latent cache':<22} {cached:>8.2f} {cached * batch:>9.1f}")
-    print(f"speed-up from the cache: {cached / on_the_fly:.2f}x")
+    print(f"{'source':<22} {'steps/s':>8} {'images/s':>9} {'CPU s/step':>11}")
+    for name, (steps_per_second, cpu_per_step) in results.items():
+        print(
+            f"{name:<22} {steps_per_second:>8.2f} {steps_per_second * batch:>9.1f} "
+            f"{cpu_per_step:>11.3f}"
+        )
+    print(
+        f"speed-up from the cache: {cached / on_the_fly:.2f}x "
+        f"(CPU time per step: {on_the_fly_cpu / cached_cpu:.2f}x less)"
+    )
     print(
         json.dumps(
             {
                 "steps_per_second_encoding": round(on_the_fly, 3),
                 "steps_per_second_cache": round(cached, 3),
                 "speedup": round(cached / on_the_fly, 3),
+                "cpu_seconds_per_step_encoding": round(on_the_fly_cpu, 3),
+                "cpu_seconds_per_step_cache": round(cached_cpu, 3),
+                "cpu_speedup": round(on_the_fly_cpu / cached_cpu, 3),
                 "caching_seconds": round(caching, 1),
             }
         )

@@ -1,5 +1,7 @@
 """Grain transforms over records ``{"image": uint8 (H, W, 3), "label": int32, "caption": str}``.
 
+``Tokenize`` and ``SelectKeys`` map batches of records as well, once per batch.
+
 Grain worker processes are spawned and receive the transforms by pickling, so every
 transform is a top-level class holding only plain, picklable fields.
 """
@@ -82,8 +84,9 @@ class NormalizeImage(grain.transforms.Map):
 class Tokenize(grain.transforms.Map):
     """Adds "tokens", the caption as int32 (max_length,) ids (see ``tokenizer.encode``).
 
-    The tokenizer is rebuilt from its JSON text on first use in each process, so the
-    transform pickles as plain text.
+    Maps a record, or a batch whose "caption" is an array of strings: its "tokens" are then
+    (batch, max_length), in one call of the tokenizer. The tokenizer is rebuilt from its
+    JSON text on first use in each process, so the transform pickles as plain text.
     """
 
     def __init__(self, tokenizer_json: str, max_length: int):
@@ -103,12 +106,13 @@ class Tokenize(grain.transforms.Map):
     def map(self, element: Record) -> Record:
         if self._tokenizer is None:
             self._tokenizer = tokenizers.Tokenizer.from_str(self.tokenizer_json)
-        tokens = word_tokenizer.encode(self._tokenizer, [element["caption"]], self.max_length)
-        return {**element, "tokens": tokens[0]}
+        captions = np.asarray(element["caption"])
+        tokens = word_tokenizer.encode(self._tokenizer, captions.ravel().tolist(), self.max_length)
+        return {**element, "tokens": tokens.reshape(*captions.shape, self.max_length)}
 
 
 class SelectKeys(grain.transforms.Map):
-    """Keeps only the given keys of a record, e.g. to drop strings before batching."""
+    """Keeps only the given keys of a record or a batch, e.g. to drop strings."""
 
     def __init__(self, keys: Sequence[str]):
         self.keys = tuple(keys)

@@ -4,14 +4,13 @@ validation split (PSNR, SSIM, LPIPS when weights are given, codebook usage for V
 from __future__ import annotations
 
 import functools
-import math
 
-import jax
 from jax.sharding import Mesh
 
 from ldm_jax import builders
 from ldm_jax import config as config_lib
 from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.evaluate import batches
 from ldm_jax.evaluate.reconstruction import evaluate_reconstruction
 from ldm_jax.generate import pixels_from_uint8
 from ldm_jax.parallel import mesh as mesh_lib
@@ -68,8 +67,7 @@ def evaluate_workdir(
             {"params": p["autoencoder"]}, pixels_from_uint8(x), method="encode_indices"
         )
 
-    shards = math.lcm(mesh_lib.data_parallel_size(mesh), jax.process_count())
-    batch_size = -(-min(64, num_images) // shards) * shards
+    batch_size = batches.batch_size_for(mesh, num_images)
     source = data_lib.make_source(config.data, config.data.eval_split, config.seed)
     reconstruct = functools.partial(autoencoder_stage.reconstruct, model=model)
     return evaluate_reconstruction(

@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from ldm_jax.data import pipeline
 from ldm_jax.data.transforms import ResizeAndCrop
+from ldm_jax.evaluate import batches
 from ldm_jax.evaluate.grid import save_grid
 from ldm_jax.evaluate.image_metrics import psnr, ssim
 from ldm_jax.generate import pixels_from_uint8
-from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
 
 RESULTS_FILE = "reconstruction.json"
@@ -106,7 +106,7 @@ def evaluate_reconstruction(
     is_main = jax.process_index() == 0
     with jax.set_mesh(mesh):
         bar = tqdm(total=count, desc="reconstruction", unit="img", disable=not is_main)
-        for local in _local_batches(source, count, batch_size, resize):
+        for local in local_image_batches(source, count, batch_size, resize):
             batch = pipeline.global_batch(local, batch_sharding)
             recon, metrics = measure(params, batch["image"], batch["valid"])
             metrics = sharding.to_host(metrics)
@@ -140,49 +140,33 @@ def _check_arguments(
 ) -> None:
     if count <= 0:
         raise ValueError("the source holds no images to evaluate (or num_images is 0)")
-    shards = mesh_lib.data_parallel_size(mesh)
-    processes = jax.process_count()
-    if batch_size <= 0 or batch_size % shards or batch_size % processes:
-        raise ValueError(
-            f"batch_size={batch_size} must be a positive multiple of the mesh's data-parallel "
-            f"size ({shards}) and of the number of JAX processes ({processes})"
-        )
+    batches.check_batch_size(batch_size, mesh)
     if codes_fn is not None and num_codes <= 0:
         raise ValueError(f"codes_fn needs num_codes, the codebook size; got {num_codes}")
 
 
-def _local_batches(
+def local_image_batches(
     source: Sequence[Mapping[str, Any]],
     count: int,
     batch_size: int,
     resize: ResizeAndCrop | None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of every global batch: {"image": uint8, "valid": bool}.
-
-    Global batch ``b`` covers records ``b * batch_size`` onwards; process ``p`` reads the
-    ``p``-th contiguous slice of it. Rows past ``count`` are padding, copies of an image
-    already read and marked invalid, so every process contributes the same number of rows.
-    """
-    local_size = batch_size // jax.process_count()
+    """This process's rows of every global batch (``batches.local_rows``) of the first
+    ``count`` records: {"image": uint8, "valid": bool}; padding rows repeat an image."""
     rng = np.random.default_rng(0)  # unused by a centre crop, but ResizeAndCrop asks for one
     image_shape = None
-    for start in range(0, count, batch_size):
-        first = start + jax.process_index() * local_size
-        indices = np.arange(first, first + local_size)
-        valid = indices < count
-        # A process whose rows are all padding still reads one real image to repeat.
-        images = []
-        for index in indices[valid] if valid.any() else [count - 1]:
-            image = _load_image(source, int(index), resize, rng)
+    for indices, valid in batches.local_rows(count, batch_size):
+        loaded: dict[int, np.ndarray] = {}
+        for index in dict.fromkeys(int(i) for i in indices):
+            image = _load_image(source, index, resize, rng)
             image_shape = image_shape or image.shape
             if image.shape != image_shape:
                 raise ValueError(
                     f"record {index} has an image of shape {image.shape}, earlier records "
                     f"{image_shape}; pass image_size to resize every image to one size"
                 )
-            images.append(image)
-        images += [images[-1]] * (local_size - len(images))
-        yield {"image": np.stack(images), "valid": valid}
+            loaded[index] = image
+        yield {"image": np.stack([loaded[int(i)] for i in indices]), "valid": valid}
 
 
 def _load_image(

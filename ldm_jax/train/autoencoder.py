@@ -367,9 +367,11 @@ def train(
     def write_reconstructions(step_number: int, current: AutoencoderTrainState) -> None:
         with jax.set_mesh(mesh):
             recon = sharding.to_host(reconstruct_fn(inference_params(current), preview))
+        # On every process: to_host is a collective when the mesh spans several.
+        originals = sharding.to_host(preview)
         if jax.process_index() == 0:
             grid = save_grid(
-                np.concatenate([sharding.to_host(preview), recon]),
+                np.concatenate([originals, recon]),
                 os.path.join(workdir, "samples", f"{STAGE}_{step_number:06d}.png"),
                 columns=len(recon),
             )

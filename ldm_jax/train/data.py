@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import grain
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -16,6 +17,12 @@ from ldm_jax.data.tfds_source import TfdsSource
 from ldm_jax.parallel import sharding
 
 TOKENIZER_FILE = "tokenizer.json"
+
+# Threads reading records one batch ahead, by source. Image files and TFDS records are read
+# from storage and decoded outside the GIL; shapes are drawn in Python and cached latents
+# are a few kilobytes on a local disk, so for those a hand-off between threads costs more
+# than the read.
+_READ_THREADS = {"shapes": 0, "image_folder": 16, "tfds": 16}
 
 
 def make_source(data: ml_collections.ConfigDict, split: str, seed: int) -> Any:
@@ -61,29 +68,36 @@ def make_batches(
     tokenizer_json: str | None = None,
     keys: tuple[str, ...] = ("image",),
     images: bool = True,
+    record_operations: Sequence[grain.transforms.Map | grain.transforms.RandomMap] = (),
 ) -> tuple[Any, Iterator[dict]]:
     """A checkpointable grain iterator and a generator of global batches sharded on ``mesh``.
 
     Images stay uint8 until they are on the device (4x less to transfer); the train steps
-    scale them to [-1, 1]. With ``images=False`` (a source of encoded latents) the image
-    transforms are left out.
+    scale them to [-1, 1]. With ``images=False`` (a source of encoded latents, read without
+    threads) the image transforms are left out. ``record_operations`` follow them (the
+    conditioning images of inpainting or super-resolution). Captions are tokenized and keys
+    selected once per batch.
     """
     operations: list = []
     if images and data.source != "shapes":
         operations.append(transforms.ResizeAndCrop(data.image_size, random_crop=data.random_crop))
     if images and data.random_flip:
         operations.append(transforms.RandomFlip())
+    operations.extend(record_operations)
+    batch_operations: list = []
     if tokenizer_json is not None:
-        operations.append(transforms.Tokenize(tokenizer_json, data.max_caption_length))
-    operations.append(transforms.SelectKeys(keys))
+        batch_operations.append(transforms.Tokenize(tokenizer_json, data.max_caption_length))
+    batch_operations.append(transforms.SelectKeys(keys))
     loader = pipeline.make_loader(
         source,
         operations,
         global_batch_size=batch_size,
         seed=seed,
+        batch_operations=batch_operations,
         shuffle=True,
         num_epochs=None,
         worker_count=data.worker_count,
+        read_threads=_READ_THREADS[data.source] if images else 0,
     )
     iterator = iter(loader)
     batch_sharding = sharding.batch_sharding(mesh)

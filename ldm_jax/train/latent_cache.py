@@ -315,7 +315,7 @@ def cache_latents_of_workdir(workdir: str, out_dir: str, split: str | None = Non
     """``ldm-jax cache-latents``: the cache of ``workdir``'s autoencoder, on all devices."""
     config = config_lib.load_workdir_config(workdir)
     config_lib.validate(config, jax.device_count())
-    mesh = mesh_lib.create_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = mesh_lib.create_mesh(**config_lib.mesh_sizes(config))
     rules = mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
     return cache_latents(config, workdir, out_dir, mesh, rules, split=split)
 

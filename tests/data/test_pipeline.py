@@ -6,7 +6,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ldm_jax.data import pipeline, shapes
-from ldm_jax.data.transforms import NormalizeImage, RandomFlip, SelectKeys
+from ldm_jax.data.tokenizer import build_word_tokenizer
+from ldm_jax.data.transforms import NormalizeImage, RandomFlip, SelectKeys, Tokenize
 
 _OPERATIONS = (RandomFlip(), NormalizeImage(), SelectKeys(("image", "label")))
 
@@ -58,6 +59,50 @@ def test_restored_iterator_yields_exactly_the_next_batches_across_epochs():
     resumed = iter(_loader())
     resumed.set_state(state)
     _assert_same_batches(_take(resumed, 3), expected)
+
+
+def _captioned_loader(batch_level: bool, **kwargs):
+    """Flipped images and tokenized captions, tokenized per record or once per batch."""
+    source = shapes.ShapesSource("validation", num_examples=20)
+    tokenizer_json = build_word_tokenizer(shapes.caption_vocabulary()).to_str()
+    text = [Tokenize(tokenizer_json, max_length=12), SelectKeys(("image", "tokens"))]
+    operations, batch_operations = (
+        ([RandomFlip()], text) if batch_level else ([RandomFlip(), *text], [])
+    )
+    return pipeline.make_loader(
+        source,
+        operations,
+        batch_operations=batch_operations,
+        global_batch_size=8,
+        seed=3,
+        **kwargs,
+    )
+
+
+def _assert_same_captioned_batches(first: list[dict], second: list[dict]) -> None:
+    for a, b in zip(first, second, strict=True):
+        assert sorted(a) == sorted(b) == ["image", "tokens"]
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+        assert a["tokens"].dtype == np.int32 and a["tokens"].shape == (8, 12)
+
+
+def test_batch_operations_and_read_threads_leave_the_batches_unchanged():
+    per_record = _take(iter(_captioned_loader(batch_level=False)), 4)
+    _assert_same_captioned_batches(_take(iter(_captioned_loader(batch_level=True)), 4), per_record)
+    threaded = iter(_captioned_loader(batch_level=True, read_threads=4))
+    _assert_same_captioned_batches(_take(threaded, 4), per_record)
+
+
+def test_a_state_saved_with_per_record_operations_resumes_with_batch_operations():
+    # Checkpoints written before captions were tokenized per batch resume where they stopped.
+    iterator = iter(_captioned_loader(batch_level=False))
+    _take(iterator, 2)
+    state = iterator.get_state()
+    expected = _take(iterator, 2)
+    resumed = iter(_captioned_loader(batch_level=True))
+    resumed.set_state(state)
+    _assert_same_captioned_batches(_take(resumed, 2), expected)
 
 
 def test_batch_size_must_divide_over_processes(monkeypatch):

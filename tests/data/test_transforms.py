@@ -85,6 +85,16 @@ def test_tokenize_pickles_before_and_after_use():
     np.testing.assert_array_equal(restored.map(_record(np.zeros((2, 2, 3))))["tokens"], expected)
 
 
+def test_tokenize_maps_a_batch_of_captions_like_each_record():
+    tokenizer = build_word_tokenizer(shapes.caption_vocabulary())
+    captions = ["a red circle", "a blue square at the top left", ""]
+    batch = {"caption": np.asarray(captions), "label": np.arange(3, dtype=np.int32)}
+    out = Tokenize(tokenizer.to_str(), max_length=8).map(batch)
+    assert out["tokens"].dtype == np.int32 and out["tokens"].shape == (3, 8)
+    np.testing.assert_array_equal(out["tokens"], encode(tokenizer, captions, 8))
+    np.testing.assert_array_equal(out["label"], batch["label"])
+
+
 def test_select_keys_drops_the_rest_and_names_missing_keys():
     out = SelectKeys(["image", "label"]).map(_record(np.zeros((2, 2, 3), np.uint8)))
     assert sorted(out) == ["image", "label"]

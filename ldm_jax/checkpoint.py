@@ -3,17 +3,24 @@
 Saves are asynchronous (training goes on while the host writes) and atomic: a checkpoint
 directory appears under its final name only once complete, so a crash mid-save leaves the
 previous checkpoint as the newest. Restoring takes an abstract state whose leaves carry the
-target shardings, so a run saved on one mesh resumes on another.
+target shardings, so a run saved on one mesh resumes on another, and the data iterator's
+position is carried over to another number of processes.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
+import re
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+
+from ldm_jax.data.process_blocks import rescale_loader_state
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +62,50 @@ class Checkpointer:
         """Restores the state onto the shardings of ``abstract_state``.
 
         When ``data_iterator`` is given its position is restored in place too, so the run sees
-        exactly the batches an uninterrupted run would have seen.
+        exactly the batches an uninterrupted run would have seen, also when the checkpoint was
+        saved by another number of processes.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         items = {_STATE: ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        saved_process_count = self._saved_process_count(step)
+        rescale = data_iterator is not None and saved_process_count not in (
+            None,
+            jax.process_count(),
+        )
+        if data_iterator is not None and not rescale:
             items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if rescale:
+            self._restore_rescaled(step, data_iterator, saved_process_count)
         log.info("restored step %d from %s", step, self.directory)
         return restored[_STATE]
+
+    def _data_directory(self, step: int) -> str:
+        return os.path.join(self.directory, str(step), _DATA)
+
+    def _saved_process_count(self, step: int) -> int | None:
+        """How many processes saved the data iterator of ``step`` (None: no iterator saved)."""
+        names = glob.glob(os.path.join(self._data_directory(step), "process_0-of-*.json"))
+        match = re.search(r"-of-(\d+)\.json$", names[0]) if names else None
+        return int(match.group(1)) if match else None
+
+    def _restore_rescaled(self, step: int, data_iterator: Any, saved_process_count: int) -> None:
+        """Sets the iterator to the position the ``saved_process_count`` processes reached
+        (every process of a run holds the same position: see ``ldm_jax.data.process_blocks``)."""
+        path = os.path.join(self._data_directory(step), f"process_0-of-{saved_process_count}.json")
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        state = rescale_loader_state(saved, saved_process_count, jax.process_count())
+        data_iterator.set_state(json.dumps(state).encode())
+        data_iterator.start_prefetch()
+        log.info(
+            "data iterator of step %d carried over from %d to %d processes",
+            step,
+            saved_process_count,
+            jax.process_count(),
+        )
 
     def wait(self) -> None:
         """Blocks until every started save is on disk (raises if one failed)."""

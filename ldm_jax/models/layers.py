@@ -206,9 +206,10 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, temb: jax.Array | None = None, *, train: bool = False
+        self, x: jax.Array, temb: jax.Array | None = None, train: bool = False
     ) -> jax.Array:
-        """Applies the block.
+        """Applies the block (``train`` may be positional: a rematerialised block takes it as a
+        static argument).
 
         Args:
           x: `(B, H, W, C)` features.

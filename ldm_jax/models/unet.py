@@ -34,6 +34,17 @@ from ldm_jax.models.layers import (
 
 # "transformer": a SpatialTransformer after each resnet; "plain": group-normed self-attention.
 ATTENTION_TYPES = ("transformer", "plain")
+# Rematerialisation of the resnets and spatial transformers (a key of `REMAT_POLICIES`;
+# plain self-attention blocks are never rematerialised): "none"
+# keeps every activation for the backward pass; "full" keeps only each block's inputs and
+# recomputes the rest; "save_dots" also keeps the outputs of the matmuls without batch
+# dimensions (the q/k/v/out, feed-forward and projection layers) and recomputes the
+# convolutions, norms, attention scores and elementwise ops, the largest activations.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 # Where a class label enters: its embedding added to the timestep embedding ("time",
 # diffusers' `num_class_embeds`), or as the one token of the cross-attention context
 # ("context", CompVis' `ClassEmbedder`).
@@ -52,11 +63,19 @@ class _LevelBlock(nn.Module):
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     dropout: float = 0.0
+    remat: str = "none"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
+    def _block_class(self, module_class: type[nn.Module], **static: int) -> type[nn.Module]:
+        """`module_class`, rematerialised with the level's policy unless it is "none"."""
+        if self.remat == "none":
+            return module_class
+        return nn.remat(module_class, policy=REMAT_POLICIES[self.remat], **static)
+
     def resnet(self, name: str) -> ResnetBlock:
-        return ResnetBlock(
+        """The resnet `name`; call it as `(x, temb, train)` (`train` static under remat)."""
+        return self._block_class(ResnetBlock, static_argnums=(3,))(
             self.out_channels,
             norm_num_groups=self.norm_num_groups,
             norm_eps=self.norm_eps,
@@ -77,7 +96,7 @@ class _LevelBlock(nn.Module):
                 norm_eps=self.norm_eps,
                 **kwargs,
             )
-        return SpatialTransformer(
+        return self._block_class(SpatialTransformer)(
             self.num_heads,
             depth=self.transformer_depth,
             use_linear_projection=self.use_linear_projection,
@@ -99,7 +118,7 @@ class DownBlock(_LevelBlock):
         """Returns the block's output and its features for the up path's skips."""
         skips = []
         for j in range(self.num_layers):
-            x = self.resnet(f"resnets_{j}")(x, temb, train=train)
+            x = self.resnet(f"resnets_{j}")(x, temb, train)
             if self.use_attention:
                 x = self.attend(f"attentions_{j}", x, context)
             skips.append(x)
@@ -125,10 +144,10 @@ class MidBlock(_LevelBlock):
     def __call__(
         self, x: jax.Array, temb: jax.Array, context: jax.Array | None, *, train: bool
     ) -> jax.Array:
-        x = self.resnet("resnets_0")(x, temb, train=train)
+        x = self.resnet("resnets_0")(x, temb, train)
         if self.use_attention:
             x = self.attend("attentions_0", x, context)
-            x = self.resnet("resnets_1")(x, temb, train=train)
+            x = self.resnet("resnets_1")(x, temb, train)
         return x
 
 
@@ -150,7 +169,7 @@ class UpBlock(_LevelBlock):
         """Consumes `skips` from the last (the deepest) to the first."""
         for j, skip in enumerate(reversed(skips)):
             x = jnp.concatenate([x, skip], axis=-1)
-            x = self.resnet(f"resnets_{j}")(x, temb, train=train)
+            x = self.resnet(f"resnets_{j}")(x, temb, train)
             if self.use_attention:
                 x = self.attend(f"attentions_{j}", x, context)
         if self.add_upsample:
@@ -197,6 +216,8 @@ class UNet(nn.Module):
       norm_eps: epsilon of the resnets' and the output's GroupNorms (the transformers'
         GroupNorm has 1e-6 and their LayerNorms 1e-5, as in diffusers).
       dropout: dropout rate inside the resnets.
+      remat: what the resnets and spatial transformers keep for the backward pass, a key of
+        `REMAT_POLICIES`; the parameters are the same for every choice.
       flip_sin_to_cos: cosines first in the timestep features.
       freq_shift: `downscale_freq_shift` of the timestep features.
       dtype: compute dtype.
@@ -219,6 +240,7 @@ class UNet(nn.Module):
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     dropout: float = 0.0
+    remat: str = "none"
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     dtype: jnp.dtype = jnp.float32
@@ -302,6 +324,7 @@ class UNet(nn.Module):
             norm_num_groups=self.norm_num_groups,
             norm_eps=self.norm_eps,
             dropout=self.dropout,
+            remat=self.remat,
             **kwargs,
         )
         heads, depths = self.heads_per_level, self.depth_per_level
@@ -351,6 +374,8 @@ class UNet(nn.Module):
             raise ValueError(
                 f"attention_type={self.attention_type!r}; choose one of {ATTENTION_TYPES}."
             )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; choose one of {tuple(REMAT_POLICIES)}.")
         if self.class_conditioning not in CLASS_CONDITIONINGS:
             raise ValueError(
                 f"class_conditioning={self.class_conditioning!r}; choose one of "

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from ldm_jax.checkpoint import Checkpointer
-from ldm_jax.parallel import sharding
+from ldm_jax.parallel import distributed, sharding
 from ldm_jax.train.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ def run_steps(
 
     ``should_stop(step)`` is asked after every step (a preemption signal sets it): when it
     says yes the loop checkpoints that step and returns early; the next start resumes there.
+    With several processes the request is honoured at the next log or checkpoint step, where
+    the processes agree on it: the last checkpoint is written by all of them at one step.
     """
     total_steps = config[stage].train.steps
     batch_size = config[stage].train.batch_size
@@ -89,12 +91,18 @@ def run_steps(
     )
     pending: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
+    several_processes, requested = jax.process_count() > 1, False
     with jax.set_mesh(mesh):
         for step in range(start + 1, total_steps + 1):
             state, metrics = step_fn(state, next(batches))
             pending.append(metrics)
             window_steps += 1
-            stopping = should_stop is not None and should_stop(step)
+            requested = requested or (should_stop is not None and should_stop(step))
+            stopping = requested
+            if several_processes:
+                # Agreed where the host waits for the device anyway, not at every step.
+                syncs = step % log_every == 0 or step % checkpoint_every == 0
+                stopping = (syncs or step == total_steps) and distributed.any_process(requested)
             is_last = step == total_steps or stopping
             save_now = step % checkpoint_every == 0 or is_last
             if step % log_every == 0 or save_now:

@@ -28,7 +28,7 @@ def train(
       early (it is checkpointed, and the next call resumes it).
     """
     config_lib.validate(config, jax.device_count())
-    mesh = mesh_lib.create_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = mesh_lib.create_mesh(**config_lib.mesh_sizes(config))
     rules = mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
     log.info(
         "mesh %s over %d devices in %d processes",

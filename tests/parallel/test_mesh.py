@@ -32,3 +32,23 @@ def test_axis_rules_from_json_lists_become_tuples_and_unknown_axes_fail():
     assert rules == (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("norm", None))
     with pytest.raises(ValueError, match="unknown mesh axes"):
         mesh_lib.axis_rules_from_config([["embed", "model"]])
+
+
+def test_dcn_axes_multiply_the_slice_sizes_and_keep_slices_together():
+    # Two simulated slices of 4 devices (consecutive blocks): FSDP across them, data and
+    # tensor parallelism inside each.
+    mesh = mesh_lib.create_mesh(2, 1, 2, dcn_fsdp=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    first_slice = {d.id for d in jax.devices()[:4]}
+    for fsdp_index in range(2):
+        ids = {d.id for d in mesh.devices[:, fsdp_index, :].flat}
+        assert (ids <= first_slice) == (fsdp_index == 0)
+    # -1 fills one slice: 8 devices / 2 slices = 4 per slice.
+    assert mesh_lib.mesh_shape(-1, 1, 2, 8, dcn_data=2) == (4, 1, 2)
+    assert dict(mesh_lib.create_mesh(-1, 1, 1, dcn_data=2).shape)["data"] == 8
+
+
+@pytest.mark.parametrize("dcn", [(3, 1, 1), (0, 1, 1)])
+def test_bad_dcn_sizes_name_the_config_keys(dcn):
+    with pytest.raises(ValueError, match="mesh.dcn_"):
+        mesh_lib.mesh_shape(-1, 1, 1, 8, *dcn)

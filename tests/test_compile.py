@@ -1,0 +1,87 @@
+"""`ldm-jax compile`: the real train step compiled ahead of time for a TPU topology."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ldm_jax import builders
+from ldm_jax import config as config_lib
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.train import compile as compile_lib
+from tests.conftest import load_config, run_cli
+
+
+@pytest.mark.parametrize(
+    "name, libtpu_name, chips, config_name",
+    [
+        ("v5p-8", "v5:2x2x1", 4, "megacore"),
+        ("v5p-64", "v5:2x4x4", 32, "megacore"),
+        ("v4-32", "v4:2x2x4", 16, "megacore"),
+        ("v5e-256", "v5e:16x16", 256, "default"),
+        ("v5litepod-8", "v5e:2x4", 8, "default"),
+        ("v6e-16", "v6e:4x4", 16, "default"),
+        ("v5e:2x2", "v5e:2x2", 4, "default"),
+        ("v5p:2x2x2", "v5:2x2x2", 8, "megacore"),
+    ],
+)
+def test_topology_names_map_to_libtpu_topologies(name, libtpu_name, chips, config_name):
+    topology = compile_lib.parse_topology(name)
+    assert (topology.name, topology.num_chips, topology.chip_config_name) == (
+        libtpu_name,
+        chips,
+        config_name,
+    )
+
+
+@pytest.mark.parametrize("name", ["v5q-8", "v5p-12", "tpu", "v5e:2xx"])
+def test_bad_topology_is_one_clear_error(name):
+    with pytest.raises(ValueError, match="--topology"):
+        compile_lib.parse_topology(name)
+
+
+def test_multislice_devices_make_a_hybrid_mesh_with_data_parallelism_over_slices():
+    devices = compile_lib.topology_devices(compile_lib.parse_topology("v5e:2x2"), num_slices=2)
+    mesh = mesh_lib.create_mesh(data=1, fsdp=-1, tensor=1, devices=devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    for data_index in range(2):
+        assert {d.slice_index for d in mesh.devices[data_index].flat} == {data_index}
+    with pytest.raises(ValueError, match="mesh.dcn_"):
+        mesh_lib.create_mesh(data=1, fsdp=-1, tensor=1, devices=devices, dcn_fsdp=4)
+
+
+@pytest.mark.slow
+def test_compile_cli_reports_memory_flops_and_fit_for_the_quickstart():
+    result = run_cli("compile", "--config=configs/quickstart.py", "--topology=v5e:2x2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "mesh: {'data': 4, 'fsdp': 1, 'tensor': 1}; global batch 64 (16 per chip)" in out
+    memory = re.search(r"per-chip memory: arguments ([\d.]+) GiB.*total ([\d.]+) GiB of 16.00", out)
+    assert memory and 0 < float(memory.group(2)) < 16, out
+    flops = re.search(r"FLOPs per step per chip: ([\d.e+]+)", out)
+    assert flops and float(flops.group(1)) > 1e8, out
+    assert out.strip().splitlines()[-1] == "fits"
+
+
+def test_compile_cli_bad_topology_is_one_line():
+    result = run_cli("compile", "--config=configs/quickstart.py", "--topology=v9x-8")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("ldm-jax compile: error: --topology")
+
+
+def test_sdxl_config_is_sdxl_size_without_its_added_embeddings():
+    config = load_config("sdxl")
+    config_lib.validate(config, 8, check_files=False)
+    unet = builders.build_unet(config)
+    assert unet.heads_per_level == (5, 10, 20) and unet.depth_per_level == (1, 2, 10)
+
+    def init(key):
+        latents = jnp.zeros((1, 128, 128, 4), jnp.float32)
+        context = jnp.zeros((1, 77, 2048), jnp.float32)
+        return unet.init(key, latents, jnp.zeros((1,), jnp.int32), context)["params"]
+
+    shapes = jax.tree.leaves(jax.eval_shape(init, jax.random.key(0)))
+    # SDXL's 2,567,463,684 less its add_embedding (2816 -> 1280 -> 1280): 5,245,440.
+    assert sum(math.prod(s.shape) for s in shapes) == 2_567_463_684 - 5_245_440

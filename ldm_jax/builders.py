@@ -7,6 +7,7 @@ import ml_collections
 
 from ldm_jax.config import num_classes
 from ldm_jax.diffusion import NoiseSchedule, make_schedule
+from ldm_jax.image_conditioning import concat_channels
 from ldm_jax.models import AutoencoderKL, NLayerDiscriminator, TextEncoder, UNet, VQAutoencoder
 
 
@@ -57,7 +58,7 @@ def build_unet(config: ml_collections.ConfigDict) -> UNet:
     u = dm.unet
     channels = config.autoencoder.model.latent_channels
     return UNet(
-        in_channels=channels,
+        in_channels=channels + concat_channels(dm.concat_conditioning, channels),
         out_channels=channels,
         block_out_channels=tuple(u.block_out_channels),
         layers_per_block=u.layers_per_block,
@@ -68,7 +69,7 @@ def build_unet(config: ml_collections.ConfigDict) -> UNet:
             if u.attention_head_dim > 0
             else u.num_attention_heads
         ),
-        transformer_depth=u.transformer_depth,
+        transformer_depth=tuple(u.transformer_depth_per_level) or u.transformer_depth,
         use_linear_projection=u.use_linear_projection,
         flip_sin_to_cos=u.flip_sin_to_cos,
         freq_shift=u.freq_shift,
@@ -78,6 +79,7 @@ def build_unet(config: ml_collections.ConfigDict) -> UNet:
         class_conditioning="context" if u.class_context_dim > 0 else "time",
         norm_num_groups=u.norm_num_groups,
         dropout=u.dropout,
+        remat=u.remat,
         dtype=compute_dtype(config),
     )
 

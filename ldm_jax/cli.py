@@ -5,9 +5,17 @@ ldm-jax sample   --workdir=DIR --prompt="a red circle" | --label=N  [--num --sam
                  --guidance --eta --seed --out]
 ldm-jax evaluate --workdir=DIR [--what=samples|reconstruction] [--num_per_prompt --sampler
                  --steps --guidance --seed | --num_images --lpips_weights]
+                 [--sweep="key=v1,v2 ..." --prompts_file --inception_weights --clip_weights]
 ldm-jax cache-latents --workdir=STAGE1_DIR --out=DIR [--split=NAME]
 ldm-jax import   --from=diffusers|single-file|clip PATH --workdir=DIR [--tokenizer=DIR]
 ldm-jax export   --workdir=DIR --to=diffusers|safetensors --out=PATH [--raw]
+ldm-jax compile  --config=... --topology=v5p-64 [--num_slices=N] [--per_chip_batch=N]
+                 [--stage=diffusion|autoencoder]
+ldm-jax launch   local|tpu|gke|slurm [--dry-run] [launcher flags] -- <ldm-jax command>
+
+Several processes (hosts) join one runtime with --coordinator_address, --num_processes and
+--process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on TPU VMs and
+under SLURM they join by themselves.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from ml_collections import config_flags
 from ldm_jax.diffusion import SAMPLERS
 from ldm_jax.interop.formats import EXPORT_FORMATS, IMPORT_FORMATS
 
-COMMANDS = ("train", "sample", "evaluate", "cache-latents", "import", "export")
+COMMANDS = ("train", "sample", "evaluate", "cache-latents", "import", "export", "compile")
 # Commands that take one positional argument (the path to import).
 _POSITIONAL = {"import": "PATH"}
 
@@ -53,6 +61,22 @@ _OUT = flags.DEFINE_string("out", None, "Output PNG (sample) or folder (evaluate
 _CHECKPOINT_STEP = flags.DEFINE_integer(
     "checkpoint_step", None, "Stage-2 checkpoint step to sample from (default: newest)."
 )
+_GUIDANCE_RESCALE = flags.DEFINE_float(
+    "guidance_rescale", None, "Guidance rescale phi in [0, 1] (default: sample.guidance_rescale)."
+)
+_MODE = flags.DEFINE_string(
+    "mode", "txt2img", "`sample`: txt2img, img2img, inpaint, outpaint or sr (super-resolution)."
+)
+_INIT_IMAGE = flags.DEFINE_string(
+    "init_image", None, "`sample`: the image to edit (img2img, inpaint, outpaint) or upsample (sr)."
+)
+_MASK = flags.DEFINE_string("mask", None, "`sample --mode=inpaint`: mask PNG, white = regenerate.")
+_STRENGTH = flags.DEFINE_float(
+    "strength", None, "`sample`: img2img/inpaint noise level in [0, 1] (1 = from pure noise)."
+)
+_OUTPAINT = flags.DEFINE_string(
+    "outpaint", None, "`sample --mode=outpaint`: PIXELS, or LEFT,RIGHT,TOP,BOTTOM, to add."
+)
 _FROM = flags.DEFINE_enum("from", None, list(IMPORT_FORMATS), "Format of the PATH to `import`.")
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", None, "`import --from=single-file`: folder with the CLIP vocab.json/merges.txt."
@@ -78,7 +102,10 @@ _WHAT = flags.DEFINE_enum(
     "`evaluate`: stage-2 samples, or stage-1 reconstructions (PSNR, SSIM, LPIPS).",
 )
 _NUM_IMAGES = flags.DEFINE_integer(
-    "num_images", 1024, "`evaluate --what=reconstruction`: validation images to reconstruct."
+    "num_images",
+    1024,
+    "`evaluate`: validation images to reconstruct (--what=reconstruction), or of the FID "
+    "reference statistics (--sweep).",
 )
 _LPIPS_WEIGHTS = flags.DEFINE_string(
     "lpips_weights",
@@ -86,9 +113,59 @@ _LPIPS_WEIGHTS = flags.DEFINE_string(
     "`evaluate --what=reconstruction`: LPIPS safetensors (default: the config's "
     "autoencoder.loss.lpips_weights; none: no LPIPS).",
 )
+_SWEEP = flags.DEFINE_string(
+    "sweep",
+    None,
+    '`evaluate`: sample and score every point of a grid, e.g. "sampler=ddim,dpmpp_2m '
+    'steps=10,25,50 guidance=1,3,5 checkpoint=latest,5000"; finished points are skipped.',
+)
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts_file", None, "`evaluate --sweep`: prompts, one per line (default: shapes prompts)."
+)
+_INCEPTION_WEIGHTS = flags.DEFINE_string(
+    "inception_weights",
+    None,
+    "`evaluate --sweep`: FID Inception safetensors, for FID and KID (convert with "
+    "python -m ldm_jax.interop.inception_weights).",
+)
+_CLIP_WEIGHTS = flags.DEFINE_string(
+    "clip_weights", None, "`evaluate --sweep`: a transformers CLIPModel folder, for the CLIP score."
+)
 _SPLIT = flags.DEFINE_string(
     "split", None, "`cache-latents`: the split to encode (default: config data.train_split)."
 )
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "`compile`: TPU topology, e.g. v5p-64, v5e-256, v6e-16 or v5e:2x2."
+)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "`compile`: slices of the topology.")
+_PER_CHIP_BATCH = flags.DEFINE_integer(
+    "per_chip_batch", None, "`compile`: examples per batch shard (default: from the config)."
+)
+_STAGE = flags.DEFINE_enum(
+    "stage",
+    "diffusion",
+    ["diffusion", "autoencoder"],
+    "`compile`: the stage whose step to compile.",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, to join several processes (default: JAX_COORDINATOR_ADDRESS).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes of the job (default: JAX_NUM_PROCESSES)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in the job (default: JAX_PROCESS_ID)."
+)
+_DEVICES_PER_PROCESS = flags.DEFINE_integer(
+    "devices_per_process", None, "Simulated CPU devices of this process (jax_num_cpu_devices)."
+)
+_INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300, "Seconds to wait for every process of the job to join."
+)
+# The commands that run on the device mesh, and so join the job's processes first.
+_MESH_COMMANDS = ("train", "sample", "evaluate", "cache-latents")
 
 
 def _require_workdir() -> str:
@@ -118,6 +195,7 @@ def _options(config):
         sampler=_SAMPLER.value,
         num_steps=_STEPS.value,
         guidance_scale=_GUIDANCE.value,
+        guidance_rescale=_GUIDANCE_RESCALE.value,
         eta=_ETA.value,
     )
 
@@ -137,20 +215,30 @@ def _train() -> None:
 
 
 def _sample() -> None:
+    import dataclasses
+
+    import numpy as np
+
     from ldm_jax.evaluate.grid import save_grid
+    from ldm_jax.sample_inputs import DEFAULT_STRENGTH, mode_inputs
     from ldm_jax.train.diffusion import load_generator
 
     workdir = _require_workdir()
     if _NUM.value < 1:
         raise ValueError(f"--num={_NUM.value} must be at least 1")
+    mode, inputs = mode_inputs(_MODE.value, _INIT_IMAGE.value, _MASK.value, _OUTPAINT.value)
     generator, config = load_generator(workdir, _sampling_mesh(), step=_CHECKPOINT_STEP.value)
     prompts = [p for p in (_PROMPT.value or []) for _ in range(_NUM.value)] or None
     labels = [n for n in (_LABEL.value or []) for _ in range(_NUM.value)] or None
     if config.diffusion.conditioning == "none":
         prompts = [""] * _NUM.value
-    images = generator(
-        generator.conditions(prompts, labels), seed=_SEED.value, options=_options(config)
-    )
+    strength = _STRENGTH.value if _STRENGTH.value is not None else DEFAULT_STRENGTH.get(mode, 1.0)
+    options = dataclasses.replace(_options(config), mode=mode, strength=strength)
+    # The mode before the prompts: an sr model asked for txt2img hears about the mode.
+    generator.check_inputs(options, {key: image[None] for key, image in inputs.items()})
+    conditions = generator.conditions(prompts, labels)
+    inputs = {key: np.repeat(image[None], len(conditions), axis=0) for key, image in inputs.items()}
+    images = generator(conditions, seed=_SEED.value, options=options, images=inputs)
     out = _OUT.value or os.path.join(
         workdir, "samples", f"sample_{time.strftime('%Y%m%d_%H%M%S')}.png"
     )
@@ -159,6 +247,8 @@ def _sample() -> None:
 
 
 def _evaluate() -> None:
+    if _SWEEP.value is not None:
+        return _evaluate_sweep()
     if _WHAT.value == "reconstruction":
         return _evaluate_reconstruction()
     from ldm_jax.evaluate.samples import evaluate_samples
@@ -175,6 +265,34 @@ def _evaluate() -> None:
     summary = {k: results[k] for k in ("colour_accuracy", "shape_accuracy", "both_accuracy")}
     print(json.dumps(summary))
     print(f"wrote {os.path.join(out, 'results.json')}")
+
+
+def _evaluate_sweep() -> None:
+    from ldm_jax.evaluate.sweep import run_sample_sweep
+    from ldm_jax.evaluate.sweep_results import summary_table
+
+    workdir = _require_workdir()
+    if _WHAT.value != "samples":
+        raise ValueError("--sweep evaluates samples; --what=reconstruction takes no --sweep")
+    outcome = run_sample_sweep(
+        workdir,
+        _sampling_mesh(),
+        _SWEEP.value,
+        out_dir=_OUT.value,
+        num_per_prompt=_NUM_PER_PROMPT.value,
+        prompts_file=_PROMPTS_FILE.value,
+        seed=_SEED.value,
+        inception_weights=_INCEPTION_WEIGHTS.value,
+        clip_weights=_CLIP_WEIGHTS.value,
+        num_reference_images=_NUM_IMAGES.value,
+    )
+    print(summary_table(outcome.rows, outcome.swept))
+    for note in outcome.unavailable:
+        print(f"unavailable: {note}")
+    print(
+        f"{outcome.run} points run, {outcome.skipped} skipped (finished before); "
+        f"wrote {outcome.out_dir}"
+    )
 
 
 def _evaluate_reconstruction() -> None:
@@ -236,6 +354,22 @@ def _export() -> None:
     print(export_workdir(workdir, _TO.value, _OUT.value, raw=_RAW.value))
 
 
+def _compile() -> None:
+    from ldm_jax.train.compile import compile_for_topology
+
+    if _CONFIG.value is None or not _TOPOLOGY.value:
+        raise ValueError("--config and --topology are required, e.g. --topology=v5e:2x2")
+    report = compile_for_topology(
+        _CONFIG.value,
+        _TOPOLOGY.value,
+        num_slices=_NUM_SLICES.value,
+        per_chip_batch=_PER_CHIP_BATCH.value,
+        stage=_STAGE.value,
+    )
+    print(f"topology: {_TOPOLOGY.value} x {_NUM_SLICES.value} slice(s)")
+    print("\n".join(report.lines()))
+
+
 def main(argv: list[str]) -> None:
     command = argv[1] if len(argv) > 1 else None
     positional = argv[2:]
@@ -252,13 +386,36 @@ def main(argv: list[str]) -> None:
         "cache-latents": _cache_latents,
         "import": lambda: _import(positional[0]),
         "export": _export,
+        "compile": _compile,
     }
     try:
+        if command in _MESH_COMMANDS:
+            _join_processes()
         commands[command]()
     except (ConfigError, OSError, ValueError, FloatingPointError) as error:
         message = " ".join(str(error).split())
         print(f"ldm-jax {command}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def _join_processes() -> None:
+    """Joins the job's processes (if there are several); only process 0 logs progress."""
+    import jax
+
+    from ldm_jax.parallel import distributed
+
+    options = distributed.options_from(
+        coordinator_address=_COORDINATOR_ADDRESS.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+        devices_per_process=_DEVICES_PER_PROCESS.value,
+        initialization_timeout=_INITIALIZATION_TIMEOUT.value,
+        environ=os.environ,
+    )
+    if distributed.initialize(options, os.environ) and jax.process_index() > 0:
+        # Every process runs the same steps: one copy of the progress is enough; warnings
+        # and errors still show.
+        logging.getLogger("ldm_jax").setLevel(logging.WARNING)
 
 
 def _configure_logging() -> None:
@@ -278,6 +435,11 @@ def _configure_logging() -> None:
 
 def run() -> None:
     """Console-script entry point."""
+    if sys.argv[1:2] == ["launch"]:
+        # The launcher has flags of its own and passes everything after `--` on untouched.
+        from ldm_jax.launch.main import main as launch
+
+        sys.exit(launch(sys.argv[2:]))
     app.run(main, flags_parser=_parse_flags)
 
 

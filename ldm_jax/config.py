@@ -20,8 +20,10 @@ from ldm_jax.diffusion import (
     SCHEDULE_KINDS,
     TIMESTEP_SPACINGS,
 )
+from ldm_jax.image_conditioning import CONCAT_CONDITIONINGS
 from ldm_jax.models import DISCRIMINATOR_NORMS
 from ldm_jax.models.unet import ATTENTION_TYPES as UNET_ATTENTION_TYPES
+from ldm_jax.models.unet import REMAT_POLICIES
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.train.gan import DISCRIMINATOR_LOSSES
 
@@ -51,6 +53,9 @@ def _optimizer(steps: int, batch_size: int, learning_rate: float) -> ml_collecti
             b2=0.999,
             grad_clip=1.0,
             ema_decay=0.999,
+            # Microbatches per step: gradients of batch_size / grad_accum_steps examples are
+            # summed in one jitted step (a lax.scan), so activations scale with the microbatch.
+            grad_accum_steps=1,
         )
     )
 
@@ -62,9 +67,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.stage = "both"
     config.dtype = "float32"  # compute dtype; params stay float32
 
+    # Sizes inside one slice (-1 fills it); dcn_* multiply them across the slices of a
+    # multislice job (data parallel over the slices by default).
     config.mesh = ml_collections.ConfigDict(
-        dict(data=-1, fsdp=1, tensor=1, axis_rules=mesh_lib.DEFAULT_AXIS_RULES)
+        dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
     )
+    config.mesh.axis_rules = mesh_lib.DEFAULT_AXIS_RULES
 
     config.data = ml_collections.ConfigDict(
         dict(
@@ -144,6 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
         dict(
             conditioning="text",
             cond_drop_prob=0.1,
+            # Images concatenated to the U-Net input: "", "inpaint", "sr" (image_conditioning.py).
+            concat_conditioning="",
+            super_resolution_factor=4,
             # Encode the training set once at the start of stage 2 and keep the posterior
             # means and stds in host memory (8 bytes per latent value per image), instead of
             # running the encoder at every step. For datasets that fit in memory.
@@ -161,8 +172,14 @@ def base_config() -> ml_collections.ConfigDict:
                 mid_block_attention=True,
                 num_attention_heads=4,
                 transformer_depth=1,
+                # One transformer depth per level (SDXL: 0/1, 2, 10) when set; the mid block
+                # takes the last. Empty: transformer_depth at every level.
+                transformer_depth_per_level=(),
                 norm_num_groups=32,
                 dropout=0.0,
+                # Activation memory: "none", "full" or "save_dots" (models/unet.py's
+                # REMAT_POLICIES) rematerialisation of the resnets and spatial transformers.
+                remat="none",
                 # Heads per level from a fixed head width (64 in Stable Diffusion 2) when
                 # positive; else num_attention_heads at every level.
                 attention_head_dim=0,
@@ -202,6 +219,8 @@ def base_config() -> ml_collections.ConfigDict:
             sampler="ddim",
             num_steps=50,
             guidance_scale=4.0,
+            # Lin et al. 2023's phi: rescale the guided output's std to the conditional one's.
+            guidance_rescale=0.0,
             eta=0.0,
             timestep_spacing="leading",
             # Timesteps visited are shifted by this (Stable Diffusion: 1).
@@ -235,6 +254,12 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     return size, size, config.autoencoder.model.latent_channels
 
 
+def mesh_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The ``config.mesh`` sizes, as ``mesh.create_mesh`` and ``mesh.mesh_shape`` take them."""
+    keys = ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor")
+    return {key: config.mesh[key] for key in keys}
+
+
 def _check_choice(key: str, value: Any, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"config.{key}={value!r} is not allowed; choose one of {tuple(allowed)}")
@@ -254,11 +279,11 @@ def _check_groups(key: str, channels, groups: int) -> None:
             )
 
 
-def _check_first_stage_loss(loss: ml_collections.ConfigDict) -> None:
+def _check_first_stage_loss(loss: ml_collections.ConfigDict, check_files: bool) -> None:
     _check_choice("autoencoder.loss.pixel", loss.pixel, PIXEL_LOSSES)
     _check_choice("autoencoder.loss.disc_loss", loss.disc_loss, tuple(DISCRIMINATOR_LOSSES))
     _check_choice("autoencoder.loss.disc_norm", loss.disc_norm, DISCRIMINATOR_NORMS)
-    if loss.lpips_weights and not os.path.isfile(loss.lpips_weights):
+    if check_files and loss.lpips_weights and not os.path.isfile(loss.lpips_weights):
         raise ConfigError(
             f"config.autoencoder.loss.lpips_weights={loss.lpips_weights!r} is not a file; make "
             "it with `python -m ldm_jax.interop.lpips_weights --vgg=... --heads=... --out=...` "
@@ -269,14 +294,18 @@ def _check_first_stage_loss(loss: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.autoencoder.loss.{key}={loss[key]} must be >= 0")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Checks every value a run depends on; raises ConfigError naming the key and the fix."""
+def validate(config: ml_collections.ConfigDict, num_devices: int, check_files: bool = True) -> None:
+    """Checks every value a run depends on; raises ConfigError naming the key and the fix.
+
+    ``check_files=False`` leaves out the data, weight and cache paths, for a run that needs
+    only the shapes (``ldm-jax compile``).
+    """
     _check_choice("stage", config.stage, STAGES)
     _check_choice("dtype", config.dtype, DTYPES)
     data = config.data
     _check_choice("data.source", data.source, SOURCES)
     _check_positive("data.image_size", data.image_size)
-    if data.source == "image_folder":
+    if data.source == "image_folder" and check_files:
         if not data.path:
             raise ConfigError(
                 "config.data.source='image_folder' needs a folder: set --config.data.path"
@@ -291,7 +320,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             "config.data.source='tfds' needs a dataset: set --config.data.tfds_name "
             "(and --config.data.tfds_data_dir)"
         )
-    if data.latent_cache and not os.path.isfile(os.path.join(data.latent_cache, "metadata.json")):
+    if (
+        check_files
+        and data.latent_cache
+        and not os.path.isfile(os.path.join(data.latent_cache, "metadata.json"))
+    ):
         raise ConfigError(
             f"config.data.latent_cache={data.latent_cache!r} holds no metadata.json: write the "
             "cache with `ldm-jax cache-latents --workdir=STAGE1_DIR --out=DIR` or unset "
@@ -311,7 +344,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         )
     if ae.kind == "vq":
         _check_positive("autoencoder.model.num_embeddings", ae.model.num_embeddings)
-    _check_first_stage_loss(ae.loss)
+    _check_first_stage_loss(ae.loss, check_files)
     factor = autoencoder_factor(config)
     if data.image_size % factor:
         raise ConfigError(
@@ -326,13 +359,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _check_choice("diffusion.prediction_type", dm.prediction_type, PREDICTION_TYPES)
     if not 0.0 <= dm.cond_drop_prob < 1.0:
         raise ConfigError(f"config.diffusion.cond_drop_prob={dm.cond_drop_prob} must be in [0, 1)")
+    _check_choice("diffusion.concat_conditioning", dm.concat_conditioning, CONCAT_CONDITIONINGS)
+    if dm.concat_conditioning and (dm.encode_once or data.latent_cache):
+        raise ConfigError(
+            f"config.diffusion.concat_conditioning={dm.concat_conditioning!r} encodes the images "
+            "of every step: set --config.diffusion.encode_once=False and no data.latent_cache"
+        )
+    if dm.concat_conditioning == "sr" and data.image_size % dm.super_resolution_factor:
+        raise ConfigError(
+            f"config.data.image_size={data.image_size} is not divisible by "
+            f"config.diffusion.super_resolution_factor={dm.super_resolution_factor}"
+        )
     if dm.conditioning == "class" and data.source != "shapes" and data.num_classes <= 0:
         raise ConfigError(
             "config.diffusion.conditioning='class' needs the number of classes: "
             "set --config.data.num_classes"
         )
     _check_choice("diffusion.text_encoder.kind", dm.text_encoder.kind, TEXT_ENCODER_KINDS)
-    if dm.text_encoder.kind == "clip" and not dm.text_encoder.pretrained:
+    if check_files and dm.text_encoder.kind == "clip" and not dm.text_encoder.pretrained:
         raise ConfigError(
             "config.diffusion.text_encoder.kind='clip' needs its weights: set "
             "--config.diffusion.text_encoder.pretrained to a transformers CLIP text model "
@@ -340,6 +384,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         )
     _check_groups("diffusion.unet", dm.unet.block_out_channels, dm.unet.norm_num_groups)
     _check_choice("diffusion.unet.attention_type", dm.unet.attention_type, UNET_ATTENTION_TYPES)
+    _check_choice("diffusion.unet.remat", dm.unet.remat, tuple(REMAT_POLICIES))
     if dm.unet.class_context_dim < 0:
         raise ConfigError(
             f"config.diffusion.unet.class_context_dim={dm.unet.class_context_dim} must be >= 0"
@@ -359,6 +404,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                     f"must divide every entry of config.diffusion.unet.block_out_channels="
                     f"{tuple(dm.unet.block_out_channels)}"
                 )
+    depths = dm.unet.transformer_depth_per_level
+    if depths and len(depths) != len(dm.unet.block_out_channels):
+        raise ConfigError(
+            f"config.diffusion.unet.transformer_depth_per_level={tuple(depths)} needs one entry "
+            "per entry of config.diffusion.unet.block_out_channels (or none at all)"
+        )
     if len(dm.unet.attention_levels) != len(dm.unet.block_out_channels):
         raise ConfigError(
             "config.diffusion.unet.attention_levels needs one entry per entry of "
@@ -375,6 +426,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
     _check_choice("sample.sampler", config.sample.sampler, SAMPLERS)
     _check_choice("sample.timestep_spacing", config.sample.timestep_spacing, TIMESTEP_SPACINGS)
+    if not 0.0 <= (rescale := config.sample.guidance_rescale) <= 1.0:
+        raise ConfigError(f"config.sample.guidance_rescale={rescale} must be in [0, 1]")
     if not 1 <= config.sample.num_steps <= dm.num_timesteps:
         raise ConfigError(
             f"config.sample.num_steps={config.sample.num_steps} must be in "
@@ -382,21 +435,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         )
 
     try:
-        shape = mesh_lib.resolve_mesh_shape(
-            config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices
-        )
+        shape = mesh_lib.mesh_shape(**mesh_sizes(config), num_devices=num_devices)
         mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     shards = shape[0] * shape[1]
     for stage in ("autoencoder", "diffusion"):
         train = config[stage].train
-        for key in ("steps", "batch_size", "learning_rate"):
+        for key in ("steps", "batch_size", "learning_rate", "grad_accum_steps"):
             _check_positive(f"{stage}.train.{key}", train[key])
-        if train.batch_size % shards:
+        try:
+            mesh_lib.check_batch_size(
+                f"config.{stage}.train", train.batch_size, train.grad_accum_steps, shards
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if stage == "autoencoder" and train.grad_accum_steps != 1:
             raise ConfigError(
-                f"config.{stage}.train.batch_size={train.batch_size} is not divisible by the "
-                f"mesh's data x fsdp = {shards} shards; use a multiple of {shards}"
+                "config.autoencoder.train.grad_accum_steps must be 1: stage 1 does not "
+                "accumulate gradients (its GAN weight and discriminator see the whole batch)"
             )
         if not 0.0 <= train.ema_decay < 1.0:
             raise ConfigError(f"config.{stage}.train.ema_decay={train.ema_decay} must be in [0, 1)")

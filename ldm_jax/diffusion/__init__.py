@@ -1,6 +1,13 @@
-"""Diffusion maths on arrays: schedules, the training objective, samplers and guidance."""
+"""Diffusion maths on arrays: schedules, the training objective, samplers and guidance,
+and the editing applications built on the samplers (image-to-image, inpainting)."""
 
-from ldm_jax.diffusion.guidance import classifier_free_guidance, guided_denoise_fn
+from ldm_jax.diffusion.guidance import (
+    classifier_free_guidance,
+    guided_denoise_fn,
+    rescale_guidance,
+)
+from ldm_jax.diffusion.img2img import noised_start, strength_start_step
+from ldm_jax.diffusion.inpainting import latent_mask, replace_known
 from ldm_jax.diffusion.objectives import (
     PREDICTION_TYPES,
     diffusion_loss,
@@ -17,6 +24,7 @@ from ldm_jax.diffusion.samplers import (
     noise_std,
     posterior_variance,
     sample,
+    sampler_timesteps,
 )
 from ldm_jax.diffusion.schedules import (
     SCHEDULE_KINDS,
@@ -37,14 +45,20 @@ __all__ = [
     "diffusion_loss",
     "dpm_solver_step",
     "guided_denoise_fn",
+    "latent_mask",
     "loss_weight",
     "make_schedule",
     "noise_std",
+    "noised_start",
     "posterior_variance",
     "predict_x0_and_eps",
     "q_sample",
+    "replace_known",
+    "rescale_guidance",
     "sample",
+    "sampler_timesteps",
     "sampling_timesteps",
     "snr",
+    "strength_start_step",
     "training_target",
 ]

@@ -25,17 +25,24 @@ extrapolates the data prediction ẑ_0 linearly from the previous step's, see
 After the last step ᾱ is 1 (``set_alpha_to_one``), so a sampler returns ẑ_0 of its last
 step with no noise added, or ᾱ_0 of the first training timestep, as Stable Diffusion's DDIM
 configuration and the original LDM sampler do.
+
+Editing applications reuse the same loop: image-to-image starts part-way down the timesteps
+(``start_step``), and inpainting rewrites every step's output (``step_hook``).
 """
 
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax.diffusion.objectives import PREDICTION_TYPES, predict_x0_and_eps
 from ldm_jax.diffusion.schedules import NoiseSchedule, sampling_timesteps, validate_choice
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+# step_hook(z_next, alpha_bar_next, key) -> z_next: rewrites each step's output, e.g. to put
+# back what is known of the sample at that noise level (inpainting).
+StepHook = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 _DPM_SOLVER = "dpmpp_2m"
 # diffusers' DPM-Solver schedulers, run with lower_order_final, end on a first-order step when
@@ -164,6 +171,28 @@ def _second_order_steps(num_steps: int, set_alpha_to_one: bool) -> jax.Array:
     return (step > 0) & ((step < num_steps - 1) | second_order_final)
 
 
+def sampler_timesteps(
+    num_timesteps: int,
+    sampler: str,
+    num_steps: int,
+    timestep_spacing: str = "leading",
+    steps_offset: int = 1,
+) -> np.ndarray:
+    """The descending timesteps ``sample`` visits with ``sampler`` (see ``sampling_timesteps``).
+
+    Raises:
+        ValueError: If a name or number is outside what is allowed.
+    """
+    validate_choice("sampler", sampler, SAMPLERS)
+    return sampling_timesteps(
+        num_timesteps,
+        num_steps,
+        timestep_spacing,
+        steps_offset,
+        drop_last_grid_point=sampler == _DPM_SOLVER,
+    )
+
+
 def sample(
     denoise_fn: DenoiseFn,
     schedule: NoiseSchedule,
@@ -178,6 +207,8 @@ def sample(
     steps_offset: int = 1,
     set_alpha_to_one: bool = True,
     clip_x0: float | None = None,
+    start_step: int = 0,
+    step_hook: StepHook | None = None,
 ) -> jax.Array:
     """Runs the reverse process from z_T to z_0 as one ``lax.scan``.
 
@@ -209,6 +240,14 @@ def sample(
             with final_sigmas_type "sigma_min").
         clip_x0: If set, clip ẑ_0 to [−clip_x0, clip_x0] at every step (pixel-space models
             with data in [−1, 1] use 1); ε̂ is re-derived from the clipped ẑ_0.
+        start_step: Skip the first ``start_step`` of the ``num_steps`` steps (static), in
+            [0, num_steps]: ``x_T`` is then the sample at the first timestep visited,
+            ``sampler_timesteps(...)[start_step]`` (image-to-image); ``num_steps`` returns
+            ``x_T`` itself. The noise of every step is that of the full run.
+        step_hook: ``step_hook(z_next, alpha_bar_next, key)`` rewrites each step's output
+            (ᾱ of the step's target noise level, 1 after the last step with
+            ``set_alpha_to_one``; a key of its own per step), e.g. inpainting's replacement
+            of the known region.
 
     Returns:
         The sample ẑ_0, the shape and dtype of ``x_T``.
@@ -222,12 +261,10 @@ def sample(
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     if clip_x0 is not None and clip_x0 <= 0:
         raise ValueError(f"clip_x0 must be > 0 or None, got {clip_x0}")
-    timesteps = sampling_timesteps(
-        schedule.num_timesteps,
-        num_steps,
-        timestep_spacing,
-        steps_offset,
-        drop_last_grid_point=sampler == _DPM_SOLVER,
+    if not 0 <= start_step <= num_steps:
+        raise ValueError(f"start_step must be in [0, num_steps={num_steps}], got {start_step}")
+    timesteps = sampler_timesteps(
+        schedule.num_timesteps, sampler, num_steps, timestep_spacing, steps_offset
     )
     alpha_bar = schedule.alphas_cumprod[jnp.asarray(timesteps)]
     final_alpha_bar = jnp.ones((1,)) if set_alpha_to_one else schedule.alphas_cumprod[:1]
@@ -235,15 +272,17 @@ def sample(
     if sampler == _DPM_SOLVER:
         # The first step's "previous" ᾱ is a placeholder: that step is first order.
         alpha_bar_previous = jnp.concatenate([alpha_bar[:1], alpha_bar[:-1]])
-        sampler_inputs = (alpha_bar_previous, _second_order_steps(num_steps, set_alpha_to_one))
+        second_order = _second_order_steps(num_steps, set_alpha_to_one) & (
+            jnp.arange(num_steps) > start_step
+        )
+        sampler_inputs = (alpha_bar_previous, second_order)
     else:
-        sigmas = noise_std(sampler, alpha_bar, alpha_bar_next, eta)
-        sampler_inputs = (sigmas, jax.random.split(key, num_steps))
+        sampler_inputs = noise_std(sampler, alpha_bar, alpha_bar_next, eta)
     batch_size = x_T.shape[0]
 
     def reverse_step(carry, step):
         x_t, previous_x0 = carry
-        t, step_alpha_bar, step_alpha_bar_next, sampler_step_inputs = step
+        t, step_alpha_bar, step_alpha_bar_next, sampler_step_inputs, step_key = step
         t_batch = jnp.full((batch_size,), t, jnp.int32)
         x0, eps = predict_x0_and_eps(
             schedule, prediction_type, denoise_fn(x_t, t_batch), x_t, t_batch
@@ -264,12 +303,21 @@ def sample(
                 second_order,
             )
         else:
-            sigma, step_key = sampler_step_inputs
             noise = jax.random.normal(step_key, x_t.shape, jnp.float32)
-            x_next = denoising_step(x0, eps, step_alpha_bar_next, sigma, noise)
+            x_next = denoising_step(x0, eps, step_alpha_bar_next, sampler_step_inputs, noise)
+        if step_hook is not None:
+            x_next = step_hook(x_next, step_alpha_bar_next, jax.random.fold_in(step_key, 1))
         return (x_next.astype(x_t.dtype), x0.astype(jnp.float32)), None
 
-    steps = (jnp.asarray(timesteps), alpha_bar, alpha_bar_next, sampler_inputs)
+    steps = (
+        jnp.asarray(timesteps),
+        alpha_bar,
+        alpha_bar_next,
+        sampler_inputs,
+        jax.random.split(key, num_steps),
+    )
+    # Every step's inputs are those of the full run, so a late start changes nothing else.
+    steps = jax.tree.map(lambda values: values[start_step:], steps)
     initial_x0 = jnp.zeros(x_T.shape, jnp.float32)
     (x_0, _), _ = jax.lax.scan(reverse_step, (x_T, initial_x0), steps)
     return x_0

@@ -1,10 +1,12 @@
-"""CLIP text encoders in Hugging Face transformers' format: import and export.
+"""CLIP in Hugging Face transformers' format: text encoders in and out, whole models in.
 
 A transformers directory holds `config.json` (a `CLIPTextConfig`, or a full `CLIPModel`
 config whose `text_config` is used), `model.safetensors` (or a sharded index) and, for
 Stable Diffusion's `text_encoder/` + `tokenizer/` layout or a tokenizer saved beside the
 model, vocab.json + merges.txt. Weights are named as transformers' `text_model`;
 only the attention projections are renamed, both ways, by `ATTENTION_RENAMES`.
+`load_clip_model` reads a whole `CLIPModel` directory (text and vision towers and their
+projections, for the CLIP score), named as transformers' `CLIPModel` with the same renames.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from ldm_jax.interop.convert import (
 )
 from ldm_jax.interop.safetensors_io import find_weights_file, read_safetensors, write_safetensors
 from ldm_jax.models.clip import ACTIVATIONS, CLIPTextTransformer
+from ldm_jax.models.clip_vision import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    CLIPImageTextModel,
+    CLIPVisionTransformer,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -56,6 +64,18 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "bos_token_id": 49406,
     "eos_token_id": 49407,
 }
+# CLIPVisionConfig's defaults.
+VISION_CONFIG_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+PREPROCESSOR_FILE = "preprocessor_config.json"
 # Config fields the module has no field for, kept in `extras["config"]` for re-export.
 PASSTHROUGH_CONFIG_KEYS = ("projection_dim", "pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -100,6 +120,21 @@ def _read_text_config(path: str) -> dict[str, Any]:
     return text_config
 
 
+def _text_transformer(config: Mapping[str, Any], dtype: jnp.dtype) -> CLIPTextTransformer:
+    """The text transformer of a (complete) text config."""
+    return CLIPTextTransformer(
+        vocab_size=config["vocab_size"],
+        max_length=config["max_position_embeddings"],
+        width=config["hidden_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        mlp_width=config["intermediate_size"],
+        activation=config["hidden_act"],
+        layer_norm_eps=config["layer_norm_eps"],
+        dtype=dtype,
+    )
+
+
 def text_model_weights(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Weights of the text transformer alone, named as a bare `CLIPTextModel`'s.
 
@@ -140,17 +175,7 @@ def load_clip_text_encoder(
     """
     path = os.fspath(path)
     config = _read_text_config(path)
-    module = CLIPTextTransformer(
-        vocab_size=config["vocab_size"],
-        max_length=config["max_position_embeddings"],
-        width=config["hidden_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        mlp_width=config["intermediate_size"],
-        activation=config["hidden_act"],
-        layer_norm_eps=config["layer_norm_eps"],
-        dtype=dtype,
-    )
+    module = _text_transformer(config, dtype)
     dummy_ids = jnp.zeros((1, module.max_length), jnp.int32)
     abstract = jax.eval_shape(module.init, jax.random.key(0), dummy_ids)["params"]
     weights = read_safetensors(find_weights_file(path, ("model",)))
@@ -236,3 +261,103 @@ def save_clip_text_encoder(
             source = os.path.join(os.fspath(tokenizer_dir), name)
             if os.path.isfile(source):
                 shutil.copyfile(source, os.path.join(out_dir, name))
+
+
+def load_clip_model(path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> ImportedModel:
+    """Loads a transformers `CLIPModel` directory: both towers and their projections.
+
+    Args:
+      path: the directory `CLIPModel.save_pretrained` wrote (`config.json` with
+        `text_config` and `vision_config`, `model.safetensors`, the tokenizer files and,
+        optionally, `preprocessor_config.json`); flag `--clip_weights`.
+      dtype: compute dtype (params stay float32).
+
+    Returns:
+      An `ImportedModel` whose module is a `CLIPImageTextModel`; `extras` holds
+      `"tokenizer"` (a `ClipTokenizer`), and `"image_mean"`, `"image_std"` (the RGB
+      normalisation of `preprocessor_config.json`, else OpenAI's).
+
+    Raises:
+      FileNotFoundError: config.json, the weights or the tokenizer files are missing.
+      ValueError: the config is not a `CLIPModel`'s, or has an unsupported value.
+      WeightsMismatchError: the weights do not fit the config, naming the tensor.
+    """
+    path = os.fspath(path)
+    text_config = _read_text_config(path)
+    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+        config = json.load(f)
+    if "vision_config" not in config:
+        raise ValueError(
+            f"--clip_weights={path}: {CONFIG_FILE} has no vision_config; the CLIP score needs a "
+            "whole CLIPModel (both towers), e.g. openai/clip-vit-base-patch32"
+        )
+    vision_config = {**VISION_CONFIG_DEFAULTS, **config["vision_config"]}
+    if vision_config["hidden_act"] not in ACTIVATIONS:
+        raise ValueError(
+            f"--clip_weights={path}: vision hidden_act={vision_config['hidden_act']!r} is not "
+            f"supported (allowed: {sorted(ACTIVATIONS)})."
+        )
+    text = _text_transformer(text_config, dtype)
+    vision = CLIPVisionTransformer(
+        image_size=vision_config["image_size"],
+        patch_size=vision_config["patch_size"],
+        width=vision_config["hidden_size"],
+        num_layers=vision_config["num_hidden_layers"],
+        num_heads=vision_config["num_attention_heads"],
+        mlp_width=vision_config["intermediate_size"],
+        activation=vision_config["hidden_act"],
+        layer_norm_eps=vision_config["layer_norm_eps"],
+        dtype=dtype,
+    )
+    module = CLIPImageTextModel(
+        vision_model=vision,
+        text_model=text,
+        projection_dim=config.get("projection_dim", CONFIG_DEFAULTS["projection_dim"]),
+        eos_token_id=text_config["eos_token_id"],
+    )
+    size = vision.image_size
+    abstract = jax.eval_shape(
+        module.init,
+        jax.random.key(0),
+        jnp.zeros((1, size, size, 3)),
+        jnp.zeros((1, text.max_length), jnp.int32),
+    )["params"]
+    weights = {
+        rename_attention(name, ATTENTION_RENAMES): value
+        for name, value in read_safetensors(find_weights_file(path, ("model",))).items()
+    }
+    try:
+        params = torch_to_flax(
+            weights,
+            abstract,
+            ignore=("position_ids", "logit_scale"),
+            what=f"CLIP model {path}:",
+        )
+    except WeightsMismatchError as error:
+        raise WeightsMismatchError(rename_attention(str(error), TORCH_ATTENTION_NAMES)) from None
+    tokenizer_dir = _find_tokenizer_dir(path)
+    if tokenizer_dir is None:
+        raise FileNotFoundError(
+            f"--clip_weights={path} has no tokenizer files ({VOCAB_FILE} and merges.txt, or "
+            f"{FAST_TOKENIZER_FILE}): save the CLIPProcessor beside the model"
+        )
+    mean, std = _image_normalisation(path)
+    extras = {
+        "tokenizer": ClipTokenizer.from_directory(tokenizer_dir, max_length=text.max_length),
+        "image_mean": mean,
+        "image_std": std,
+    }
+    return ImportedModel(module=module, params=params, extras=extras)
+
+
+def _image_normalisation(path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The RGB mean and std of the directory's image processor, else OpenAI CLIP's."""
+    config_path = os.path.join(path, PREPROCESSOR_FILE)
+    if not os.path.isfile(config_path):
+        return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    with open(config_path, encoding="utf-8") as f:
+        processor = json.load(f)
+    return (
+        tuple(processor.get("image_mean", OPENAI_CLIP_MEAN)),
+        tuple(processor.get("image_std", OPENAI_CLIP_STD)),
+    )

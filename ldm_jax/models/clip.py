@@ -88,12 +88,17 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """`x + self_attn(layer_norm1(x))`, then `x + mlp(layer_norm2(x))`."""
+    """`x + self_attn(layer_norm1(x))`, then `x + mlp(layer_norm2(x))`.
+
+    The text transformer's attention is causal; the vision transformer's (`causal=False`)
+    attends over every patch.
+    """
 
     num_heads: int
     mlp_width: int
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    causal: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -101,7 +106,7 @@ class CLIPEncoderLayer(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention = Attention(
-            self.num_heads, use_qkv_bias=True, causal=True, name="self_attn", **kwargs
+            self.num_heads, use_qkv_bias=True, causal=self.causal, name="self_attn", **kwargs
         )
         x = x + attention(layer_norm(self.layer_norm_eps, name="layer_norm1", **kwargs)(x))
         mlp = CLIPMLP(self.mlp_width, self.activation, name="mlp", **kwargs)
@@ -120,6 +125,7 @@ class CLIPEncoder(nn.Module):
     mlp_width: int
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    causal: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -133,6 +139,7 @@ class CLIPEncoder(nn.Module):
                 self.mlp_width,
                 self.activation,
                 self.layer_norm_eps,
+                self.causal,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"layers_{i}",

@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from ldm_jax import builders, diffusion, pretrained
+from ldm_jax import builders, diffusion, image_conditioning, pretrained
 from ldm_jax import config as config_lib
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data import shapes, transforms
@@ -27,9 +27,9 @@ from ldm_jax.generate import Generator, LatentDiffusion, SamplingOptions, pixels
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
+from ldm_jax.train import accumulate, latent_cache, previews
 from ldm_jax.train import data as data_lib
 from ldm_jax.train import frozen as frozen_inputs
-from ldm_jax.train import latent_cache
 from ldm_jax.train import state as state_lib
 from ldm_jax.train.loop import jit_train_step, run_steps
 from ldm_jax.train.metrics import MetricsWriter
@@ -78,6 +78,8 @@ def build_model(
         latent_shape=config_lib.latent_shape(config),
         latent_scale=latent_scale,
         prediction_type=config.diffusion.prediction_type,
+        concat_conditioning=config.diffusion.concat_conditioning,
+        super_resolution_factor=config.diffusion.super_resolution_factor,
     )
 
 
@@ -89,7 +91,8 @@ def init_state(
     max_caption_length: int,
 ) -> TrainState:
     unet_key, text_key = jax.random.split(key)
-    latents = jnp.zeros((1, *model.latent_shape), jnp.float32)
+    # The U-Net's input: the latents and any concatenated conditioning images.
+    latents = jnp.zeros((1, *model.latent_shape[:2], model.unet.in_channels), jnp.float32)
     timesteps = jnp.zeros((1,), jnp.int32)
     params, context, labels = {}, None, None
     if model.conditioning == "text" and model.frozen_text_encoder:
@@ -104,27 +107,54 @@ def init_state(
     return create_train_state(params, optimizer)
 
 
+def example_draws(
+    key: jax.Array, batch_size: int, *, model: LatentDiffusion, cond_drop_prob: float
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """The randomness of each example of a step, drawn for the whole batch at once.
+
+    A step that accumulates gradients over microbatches hands each example its own draws, so
+    it computes exactly what one step on the whole batch does.
+
+    Returns:
+      ({"posterior_noise", "t", "noise", "drop"}, each with a leading batch dimension), and
+      the key of the rest (the U-Net's dropout).
+    """
+    posterior_key, loss_key = jax.random.split(key)
+    t_key, noise_key, drop_key, dropout_key = jax.random.split(loss_key, 4)
+    latent_shape = (batch_size, *model.latent_shape)
+    draws = {
+        "posterior_noise": jax.random.normal(posterior_key, latent_shape, jnp.float32),
+        "t": jax.random.randint(t_key, (batch_size,), 0, model.schedule.num_timesteps),
+        "noise": jax.random.normal(noise_key, latent_shape, jnp.float32),
+        "drop": jax.random.uniform(drop_key, (batch_size,)) < cond_drop_prob,
+    }
+    return draws, dropout_key
+
+
 def diffusion_losses(
     params: Any,
-    latents: jax.Array,
-    condition: jax.Array | None,
-    key: jax.Array,
+    inputs: dict,
+    dropout_key: jax.Array,
     *,
     model: LatentDiffusion,
-    cond_drop_prob: float,
     min_snr_gamma: float | None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The denoising loss at random timesteps, with conditions dropped for guidance."""
-    t_key, noise_key, drop_key, dropout_key = jax.random.split(key, 4)
-    batch = latents.shape[0]
-    t = jax.random.randint(t_key, (batch,), 0, model.schedule.num_timesteps)
-    noise = jax.random.normal(noise_key, latents.shape, jnp.float32)
+    """The denoising loss of a batch: ``inputs`` holds its latents, conditions and draws.
+
+    Args:
+      params: the trained params and the frozen ones but the autoencoder's.
+      inputs: "latents", "condition" (or None), "concat" (or None: see
+        ``LatentDiffusion.concat_input``) and the draws of ``example_draws``.
+      dropout_key: the U-Net's dropout key.
+      model: the stage-2 model.
+      min_snr_gamma: see ``diffusion.diffusion_loss``.
+    """
+    latents, condition, t, noise = (inputs[k] for k in ("latents", "condition", "t", "noise"))
     z_t = diffusion.q_sample(model.schedule, latents, t, noise)
-    if condition is not None and cond_drop_prob > 0:
-        condition = model.drop_condition(
-            condition, jax.random.uniform(drop_key, (batch,)) < cond_drop_prob
-        )
-    output = model.predict(params, z_t, t, condition, train=True, rngs={"dropout": dropout_key})
+    if condition is not None:
+        condition = model.drop_condition(condition, inputs["drop"])
+    concat, rngs = inputs["concat"], {"dropout": dropout_key}
+    output = model.predict(params, z_t, t, condition, concat=concat, train=True, rngs=rngs)
     loss, _ = diffusion.diffusion_loss(
         model.schedule,
         model.prediction_type,
@@ -135,6 +165,18 @@ def diffusion_losses(
         min_snr_gamma,
     )
     return loss, {"loss": loss}
+
+
+def _latents(batch: dict, posterior_noise: jax.Array, ae_params: Any, model: LatentDiffusion):
+    """Scaled latent samples of a batch's images (or of its stored posterior moments)."""
+    if "latent_mean" in batch:  # encoded once before training (config.diffusion.encode_once)
+        posterior = DiagonalGaussian.from_mean_std(batch["latent_mean"], batch["latent_std"])
+    else:
+        posterior = model.autoencoder.apply(
+            {"params": ae_params}, pixels_from_uint8(batch["image"]), method="encode"
+        )
+    sample = posterior.mean + posterior.std * posterior_noise
+    return jax.lax.stop_gradient(sample.astype(jnp.float32) * model.latent_scale)
 
 
 def train_step(
@@ -148,42 +190,55 @@ def train_step(
     ema_decay: float,
     cond_drop_prob: float,
     min_snr_gamma: float | None,
+    grad_accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    key = jax.random.fold_in(root_key, state.step)
-    posterior_key, loss_key = jax.random.split(key)
-    if "latent_mean" in batch:  # encoded once before training (config.diffusion.encode_once)
-        posterior = DiagonalGaussian.from_mean_std(batch["latent_mean"], batch["latent_std"])
-    else:
-        posterior = model.autoencoder.apply(
-            {"params": frozen_params["autoencoder"]},
-            pixels_from_uint8(batch["image"]),
-            method="encode",
-        )
-    latents = jax.lax.stop_gradient(posterior.sample(posterior_key) * model.latent_scale)
-    condition = {"text": batch.get("tokens"), "class": batch.get("label")}.get(model.conditioning)
-    frozen_modules = {k: v for k, v in frozen_params.items() if k != "autoencoder"}
-    grads, metrics = jax.grad(
-        lambda params, *args, **kwargs: diffusion_losses(
-            {**params, **frozen_modules}, *args, **kwargs
-        ),
-        has_aux=True,
-    )(
-        state.params,
-        latents,
-        condition,
-        loss_key,
+    """One update on ``batch``, its gradient accumulated over ``grad_accum_steps`` microbatches
+    (encoding included, so only a microbatch's activations are alive at a time)."""
+    batch_size = jax.tree.leaves(batch)[0].shape[0]
+    draws, dropout_key = example_draws(
+        jax.random.fold_in(root_key, state.step),
+        batch_size,
         model=model,
-        cond_drop_prob=cond_drop_prob,
-        min_snr_gamma=min_snr_gamma,
+        cond_drop_prob=cond_drop_prob if model.conditioning != "none" else 0.0,
+    )
+    frozen_modules = {k: v for k, v in frozen_params.items() if k != "autoencoder"}
+    condition_key = {"text": "tokens", "class": "label"}.get(model.conditioning)
+
+    def loss_fn(params: Any, inputs: dict, key: jax.Array):
+        microbatch, micro_draws = inputs
+        latents = _latents(
+            microbatch, micro_draws["posterior_noise"], frozen_params.get("autoencoder"), model
+        )
+        concat = model.concat_input(
+            {"autoencoder": frozen_params.get("autoencoder")}, microbatch, latents.shape
+        )
+        losses_inputs = {
+            **micro_draws,
+            "latents": latents,
+            "condition": microbatch.get(condition_key) if condition_key else None,
+            "concat": None if concat is None else jax.lax.stop_gradient(concat),
+        }
+        return diffusion_losses(
+            {**params, **frozen_modules},
+            losses_inputs,
+            key,
+            model=model,
+            min_snr_gamma=min_snr_gamma,
+        )
+
+    grads, metrics = accumulate.accumulated_gradients(
+        loss_fn, state.params, (batch, draws), dropout_key, grad_accum_steps
     )
     metrics["grad_norm"] = optax.tree.norm(grads)
     return apply_gradients(state, grads, optimizer, ema_decay), metrics
 
 
-def batch_keys(conditioning: str, encoded: bool) -> tuple[str, ...]:
-    """What a stage-2 batch holds: images (or encoded latents) and the condition."""
+def batch_keys(conditioning: str, encoded: bool, concat_conditioning: str = "") -> tuple[str, ...]:
+    """What a stage-2 batch holds: images (or encoded latents), the condition and the images
+    of concatenated conditioning."""
     inputs = ("latent_mean", "latent_std") if encoded else ("image",)
-    return inputs + {"text": ("tokens",), "class": ("label",), "none": ()}[conditioning]
+    condition = {"text": ("tokens",), "class": ("label",), "none": ()}[conditioning]
+    return inputs + condition + image_conditioning.batch_keys(concat_conditioning)
 
 
 def encode_dataset(
@@ -233,16 +288,6 @@ def encode_dataset(
     return InMemorySource(arrays, captions)
 
 
-def preview_prompts(config: ml_collections.ConfigDict) -> tuple[list[str], list[int]]:
-    """Prompts and labels for the sample grids written during training."""
-    if config.data.source == "shapes":
-        prompts, labels = zip(*shapes.class_prompts(), strict=True)
-        return list(prompts), list(labels)
-    source = data_lib.make_source(config.data, config.data.eval_split, config.seed)
-    records = [source[i] for i in range(min(16, len(source)))]
-    return [str(r["caption"]) for r in records], [int(r["label"]) for r in records]
-
-
 def train(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -251,7 +296,7 @@ def train(
     should_stop: Callable[[int], bool] | None = None,
 ) -> TrainState:
     """Trains stage 2 to ``config.diffusion.train.steps``; writes sample grids as it goes."""
-    train_config = config.diffusion.train
+    dm, train_config = config.diffusion, config.diffusion.train
     classes = config_lib.num_classes(config)
     if config.diffusion.conditioning == "class" and config.data.source == "shapes":
         if classes != shapes.NUM_CLASSES:  # an imported model's classes are not these
@@ -285,8 +330,11 @@ def train(
         seed=config.seed + 11,
         mesh=mesh,
         tokenizer_json=tokenizer.to_str() if tokenizer else None,
-        keys=batch_keys(config.diffusion.conditioning, encoded),
+        keys=batch_keys(config.diffusion.conditioning, encoded, dm.concat_conditioning),
         images=not encoded,
+        record_operations=image_conditioning.training_operations(
+            dm.concat_conditioning, dm.super_resolution_factor
+        ),
     )
     checkpointer = Checkpointer(
         checkpoint_dir(workdir),
@@ -305,6 +353,7 @@ def train(
             ema_decay=train_config.ema_decay,
             cond_drop_prob=config.diffusion.cond_drop_prob,
             min_snr_gamma=config.diffusion.min_snr_gamma or None,
+            grad_accum_steps=train_config.grad_accum_steps,
         ),
         shardings,
         mesh,
@@ -312,8 +361,9 @@ def train(
     )
     step_key = jax.random.fold_in(jax.random.key(config.seed), 12)
     writer = MetricsWriter(workdir, STAGE)
-    prompts, labels = preview_prompts(config)
-    options = sampling_options(config)
+    prompts, labels = previews.preview_prompts(config)
+    preview_inputs = previews.preview_images(config)
+    options = sampling_options(config, mode="sr" if dm.concat_conditioning == "sr" else None)
 
     def write_samples(step_number: int, current: TrainState) -> None:
         generator = Generator(
@@ -323,7 +373,8 @@ def train(
             tokenizer,
             config.data.max_caption_length,
         )
-        images = generator(generator.conditions(prompts, labels), seed=config.seed, options=options)
+        conditions = generator.conditions(prompts, labels)
+        images = generator(conditions, seed=config.seed, options=options, images=preview_inputs)
         if jax.process_index() == 0:
             grid = save_grid(
                 images, os.path.join(workdir, "samples", f"{STAGE}_{step_number:06d}.png")
@@ -387,6 +438,7 @@ def sampling_options(config: ml_collections.ConfigDict, **overrides) -> Sampling
         sampler=s.sampler,
         num_steps=s.num_steps,
         guidance_scale=float(s.guidance_scale),
+        guidance_rescale=float(s.guidance_rescale),
         eta=float(s.eta),
         timestep_spacing=s.timestep_spacing,
         steps_offset=s.steps_offset,

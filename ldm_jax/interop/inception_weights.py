@@ -30,6 +30,7 @@ import numpy as np
 from ldm_jax.interop.convert import WeightsMismatchError, torch_to_flax
 from ldm_jax.interop.safetensors_io import (
     PickleRefusedError,
+    read_converter_input,
     read_safetensors,
     refuse_pickle,
     write_safetensors,
@@ -107,24 +108,6 @@ def load_inception(
     return FIDInceptionV3(dtype=dtype), flax.traverse_util.unflatten_dict(flat, sep=".")
 
 
-def _read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A safetensors file, or a pickled torch state dict read with ``weights_only=True``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--pt={path} not found")
-    try:
-        refuse_pickle(path)
-    except PickleRefusedError:
-        import torch  # only the converter reads pickles; the runtime never needs torch
-
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        return {
-            name: value.float().numpy()
-            for name, value in state_dict.items()
-            if isinstance(value, torch.Tensor)
-        }
-    return read_safetensors(path)
-
-
 def convert_inception(pt_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
     """Writes the Inception weights file from pytorch-fid's published state dict.
 
@@ -140,7 +123,7 @@ def convert_inception(pt_path: str | os.PathLike, out_path: str | os.PathLike) -
     pt_path, out_path = os.fspath(pt_path), os.fspath(out_path)
     tensors = {
         name: value
-        for name, value in _read_state_dict(pt_path).items()
+        for name, value in read_converter_input(pt_path, "--pt").items()
         if not name.startswith(CLASSIFIER_PREFIX)
     }
     abstract = flax.traverse_util.unflatten_dict(

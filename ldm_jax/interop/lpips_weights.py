@@ -32,6 +32,7 @@ import numpy as np
 from ldm_jax.interop.convert import WeightsMismatchError, torch_to_flax
 from ldm_jax.interop.safetensors_io import (
     PickleRefusedError,
+    read_converter_input,
     read_safetensors,
     refuse_pickle,
     write_safetensors,
@@ -111,24 +112,6 @@ def load_lpips(path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> tu
     return LPIPS(dtype=dtype), flax.traverse_util.unflatten_dict(flat, sep=".")
 
 
-def _read_state_dict(path: str, flag: str) -> dict[str, np.ndarray]:
-    """A safetensors file, or a pickled torch state dict read with `weights_only=True`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag}={path} not found")
-    try:
-        refuse_pickle(path)
-    except PickleRefusedError:
-        import torch  # only the converter reads pickles; the runtime never needs torch
-
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        return {
-            name: value.float().numpy()
-            for name, value in state_dict.items()
-            if isinstance(value, torch.Tensor)
-        }
-    return read_safetensors(path)
-
-
 def _convert_vgg(tensors: Mapping[str, np.ndarray], abstract_vgg: dict, path: str) -> dict:
     """torchvision's `features.{i}.*` into `VGG16Features`' `conv_{i}` parameters."""
     features = {name: value for name, value in tensors.items() if name.startswith(VGG_PREFIX)}
@@ -189,8 +172,8 @@ def convert_lpips(
     """
     vgg_path, heads_path, out_path = map(os.fspath, (vgg_path, heads_path, out_path))
     abstract = _abstract_params()
-    vgg_tensors = _read_state_dict(vgg_path, "--vgg")
-    heads_tensors = _read_state_dict(heads_path, "--heads")
+    vgg_tensors = read_converter_input(vgg_path, "--vgg")
+    heads_tensors = read_converter_input(heads_path, "--heads")
     vgg_params = _convert_vgg(vgg_tensors, abstract["vgg"], vgg_path)
     abstract_heads = {name: value for name, value in abstract.items() if name != "vgg"}
     head_params = _convert_heads(heads_tensors, abstract_heads, heads_path)

@@ -80,6 +80,31 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} is not a valid safetensors file: {error}") from error
 
 
+def read_converter_input(path: str, flag: str) -> dict[str, np.ndarray]:
+    """A converter's input: a safetensors file, or a torch state dict read with
+    ``weights_only=True`` (torch's loader that rebuilds tensors only, never objects).
+
+    Only the weight converters call this; every runtime load path refuses pickles.
+
+    Raises:
+        FileNotFoundError: naming ``flag`` when ``path`` is not a file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}={path} not found")
+    try:
+        refuse_pickle(path)
+    except PickleRefusedError:
+        import torch  # only the converters read pickles; the runtime never needs torch
+
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        return {
+            name: value.float().numpy()
+            for name, value in state_dict.items()
+            if isinstance(value, torch.Tensor)
+        }
+    return read_safetensors(path)
+
+
 def write_safetensors(
     tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None
 ) -> None:

@@ -239,6 +239,14 @@ def base_config() -> ml_collections.ConfigDict:
             max_to_keep=3,
             sample_every=1000,
             async_checkpointing=True,
+            # A step with a non-finite loss or gradient: "halt" the run (naming the step and
+            # the last good checkpoint) or "skip" its update and count it; at most
+            # max_nonfinite_skips skipped steps before halting anyway.
+            nonfinite="halt",
+            max_nonfinite_skips=100,
+            # Free space the workdir must have before training starts, in GiB, on top of
+            # what max_to_keep checkpoints of the state need.
+            min_free_gib=1.0,
         )
     )
     return config

@@ -346,6 +346,7 @@ def train(
             shardings,
             mesh,
             sharding.replicated(mesh),
+            nonfinite=config.train.nonfinite,
         )
         for use_gan in (False, True)
     }

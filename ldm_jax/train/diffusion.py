@@ -358,6 +358,7 @@ def train(
         shardings,
         mesh,
         frozen_shardings,
+        nonfinite=config.train.nonfinite,
     )
     step_key = jax.random.fold_in(jax.random.key(config.seed), 12)
     writer = MetricsWriter(workdir, STAGE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -11,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -21,18 +23,63 @@ from ldm_jax.train.metrics import MetricsWriter
 log = logging.getLogger(__name__)
 
 
+NONFINITE_POLICIES = ("halt", "skip")
+SKIPPED = "nonfinite_skipped"
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
 
 
-def jit_train_step(step_fn: Callable, state_shardings: Any, mesh: Mesh, *extra_shardings: Any):
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point value in ``tree`` is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _is_float(x)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def skip_nonfinite(step_fn: Callable) -> Callable:
+    """``step_fn`` whose update is dropped when a metric (loss, gradient norm) is not finite.
+
+    The floating-point leaves of the state (params, EMA, optimizer moments) keep their values
+    from before the step; integer leaves (the step counter) advance, so the next step draws
+    new noise and timesteps. The metrics gain ``nonfinite_skipped`` (1.0 for a dropped step).
+    """
+
+    def guarded(state: Any, *args: Any) -> tuple[Any, dict]:
+        new_state, metrics = step_fn(state, *args)
+        ok = _all_finite(metrics)
+        kept = jax.tree.map(
+            lambda new, old: jnp.where(ok, new, old) if _is_float(new) else new, new_state, state
+        )
+        return kept, {**metrics, SKIPPED: jnp.where(ok, 0.0, 1.0).astype(jnp.float32)}
+
+    return guarded
+
+
+def jit_train_step(
+    step_fn: Callable,
+    state_shardings: Any,
+    mesh: Mesh,
+    *extra_shardings: Any,
+    nonfinite: str = "halt",
+):
     """``step_fn(state, batch, key, *extra)`` jitted once with explicit shardings.
 
     The state is donated (updated in place), the batch split over the mesh's batch axes, the
     key replicated; ``extra_shardings`` place further inputs (frozen params of stage 1).
+    ``nonfinite="skip"`` drops the update of a step with a non-finite metric on the device
+    (see ``skip_nonfinite``); under "halt" ``run_steps`` stops the run at such a step.
     """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"config.train.nonfinite={nonfinite!r}: must be one of {NONFINITE_POLICIES}"
+        )
     return jax.jit(
-        step_fn,
+        skip_nonfinite(step_fn) if nonfinite == "skip" else step_fn,
         in_shardings=(
             state_shardings,
             sharding.batch_sharding(mesh),
@@ -62,8 +109,12 @@ def run_steps(
 
     The host waits on the device only every ``config.train.log_every`` steps (and at
     checkpoints), when the accumulated metrics are fetched, checked to be finite and written.
-    A checkpoint is saved every ``config.train.checkpoint_every`` steps and at the end, only
-    after its step's metrics were checked, so a NaN never reaches a checkpoint. ``hook(step,
+    Under ``config.train.nonfinite="halt"`` the first step with a non-finite metric stops the
+    run with an error naming it and the last good checkpoint; under "skip" the step function
+    (``jit_train_step``) dropped such updates on the device, and they are counted, up to
+    ``config.train.max_nonfinite_skips``. A checkpoint is saved every
+    ``config.train.checkpoint_every`` steps and at the end, only after its step's metrics and
+    the state itself were checked to be finite, so a NaN never reaches a checkpoint. ``hook(step,
     state)`` runs every ``config.train.sample_every`` steps (0: at the end only).
 
     ``should_stop(step)`` is asked after every step (a preemption signal sets it): when it
@@ -92,7 +143,8 @@ def run_steps(
     pending: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
     several_processes, requested = jax.process_count() > 1, False
-    with jax.set_mesh(mesh):
+    skipped_total, max_skips = 0, config.train.get("max_nonfinite_skips", 0)
+    with jax.set_mesh(mesh), _finishing(bar, checkpointer):
         for step in range(start + 1, total_steps + 1):
             state, metrics = step_fn(state, next(batches))
             pending.append(metrics)
@@ -106,21 +158,15 @@ def run_steps(
             is_last = step == total_steps or stopping
             save_now = step % checkpoint_every == 0 or is_last
             if step % log_every == 0 or save_now:
-                averaged = {
-                    k: float(v)
-                    for k, v in jax.device_get(
-                        jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *pending)
-                    ).items()
-                }
+                averaged, skipped = _window_metrics(pending, step, stage, checkpointer)
                 pending = []
-                bad = [k for k, v in averaged.items() if not math.isfinite(v)]
-                if bad:
-                    bar.close()
-                    last = checkpointer.latest_step()
+                skipped_total += skipped
+                if skipped_total > max_skips:
                     raise NonFiniteLossError(
-                        f"{stage}: non-finite {', '.join(bad)} at step {step}; the last good "
-                        f"checkpoint is step {last} in {checkpointer.directory}. Lower the "
-                        f"learning rate (config.{stage}.train.learning_rate) or check the data."
+                        f"{stage}: {skipped_total} steps skipped for non-finite values by step "
+                        f"{step}, more than config.train.max_nonfinite_skips={max_skips}; "
+                        f"{_last_good(checkpointer)}. Lower the learning rate "
+                        f"(config.{stage}.train.learning_rate) or check the data"
                     )
                 elapsed = time.perf_counter() - window_start
                 averaged["images_per_second"] = window_steps * batch_size / max(elapsed, 1e-9)
@@ -130,6 +176,11 @@ def run_steps(
                 )
                 window_start, window_steps = time.perf_counter(), 0
             if save_now:
+                if not bool(jax.device_get(_finite_state(state))):
+                    raise NonFiniteLossError(
+                        f"{stage}: the train state holds non-finite values at step {step}; it "
+                        f"was not saved; {_last_good(checkpointer)}. " + _ADVICE.format(stage=stage)
+                    )
                 checkpointer.save(step, state, data_iterator, config_dict)
             if hook is not None and (step % hook_every == 0 or step == total_steps):
                 hook(step, state)
@@ -137,10 +188,68 @@ def run_steps(
             if stopping:
                 log.info("%s: stopping at step %d on request; it is checkpointed", stage, step)
                 break
-    bar.close()
     checkpointer.wait()
+    if skipped_total and is_main:
+        log.warning("%s: %d steps skipped for non-finite values", stage, skipped_total)
     if is_main and not stopping:
         log.info(
             "%s: finished %d steps; checkpoint in %s", stage, total_steps, checkpointer.directory
         )
     return state
+
+
+@contextlib.contextmanager
+def _finishing(bar: tqdm, checkpointer: Checkpointer):
+    """Closes the progress bar; when the loop fails, first completes the saves in flight so
+    the checkpoints the error names are on disk when the process exits."""
+    try:
+        yield
+    except BaseException:
+        bar.close()
+        try:
+            checkpointer.wait()
+        except Exception:  # the original error is the one to report
+            log.exception("a checkpoint save failed while stopping on an error")
+        raise
+    bar.close()
+
+
+_ADVICE = (
+    "Lower the learning rate (config.{stage}.train.learning_rate), check the data, or set "
+    "--config.train.nonfinite=skip to drop such updates"
+)
+_finite_state = jax.jit(_all_finite)
+
+
+def _last_good(checkpointer: Checkpointer) -> str:
+    last = checkpointer.latest_step()
+    if last is None:
+        return f"no checkpoint was saved yet in {checkpointer.directory}"
+    return f"the last good checkpoint is step {last} in {checkpointer.directory}"
+
+
+def _window_metrics(
+    pending: list[dict], last_step: int, stage: str, checkpointer: Checkpointer
+) -> tuple[dict[str, float], int]:
+    """The means of the metrics of the steps in ``pending`` (ending at ``last_step``) and how
+    many of them were skipped for non-finite values (under ``nonfinite="skip"``).
+
+    Raises NonFiniteLossError naming the first step whose metrics are not finite when no step
+    was skipped on the device (``nonfinite="halt"``).
+    """
+    stacked = jax.device_get({k: jnp.stack([m[k] for m in pending]) for k in pending[0]})
+    stacked = {k: np.asarray(v, np.float64) for k, v in stacked.items()}
+    skipped = stacked.pop(SKIPPED, np.zeros(len(pending))) > 0
+    kept = ~skipped
+    finite = np.all([np.isfinite(v) | skipped for v in stacked.values()], axis=0)
+    if not finite.all():
+        first = int(np.argmin(finite))
+        bad = sorted(k for k, v in stacked.items() if not np.isfinite(v[first]))
+        raise NonFiniteLossError(
+            f"{stage}: non-finite {', '.join(bad)} at step {last_step - len(pending) + 1 + first}"
+            f"; {_last_good(checkpointer)}. {_ADVICE.format(stage=stage)}"
+        )
+    averaged = {k: float(v[kept].mean()) if kept.any() else math.nan for k, v in stacked.items()}
+    if SKIPPED in pending[0]:
+        averaged[SKIPPED] = float(skipped.sum())
+    return averaged, int(skipped.sum())

@@ -1,0 +1,199 @@
+"""Non-finite values: halt naming the step and the last good checkpoint, or skip and count;
+a NaN never reaches a checkpoint. A toy linear model goes through the real step loop, the
+real jitted step (donation, shardings) and real orbax checkpoints; one test drives the
+whole training CLI into divergence."""
+
+import json
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import run_cli
+
+from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.train.loop import NonFiniteLossError, jit_train_step, run_steps
+from ldm_jax.train.metrics import MetricsWriter
+
+BATCH = 8
+
+
+@flax.struct.dataclass
+class ToyState:
+    step: jax.Array
+    params: dict
+
+
+def toy_step(state, batch, key):
+    """SGD on a linear model; a batch holding NaN gives a NaN loss and gradient."""
+    del key
+
+    def loss_fn(params):
+        return jnp.mean((batch["x"] @ params["w"] - 1.0) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    params = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
+    grad_norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
+    return ToyState(state.step + 1, params), {"loss": loss, "grad_norm": grad_norm}
+
+
+def toy_config(steps=12, log_every=4, checkpoint_every=4, policy="halt", max_skips=100):
+    return ml_collections.ConfigDict(
+        {
+            "toy": {"train": {"steps": steps, "batch_size": BATCH}},
+            "train": {
+                "log_every": log_every,
+                "checkpoint_every": checkpoint_every,
+                "sample_every": 0,
+                "nonfinite": policy,
+                "max_nonfinite_skips": max_skips,
+            },
+        }
+    )
+
+
+def batches(bad_steps):
+    """Batch of step s (1-based) is all NaN when s is in ``bad_steps``."""
+    step = 0
+    rng = np.random.default_rng(0)
+    while True:
+        step += 1
+        x = rng.normal(size=(BATCH, 3)).astype(np.float32)
+        yield {"x": np.full_like(x, np.nan) if step in bad_steps else x}
+
+
+def train_toy(tmp_path, config, bad_steps):
+    mesh = mesh_lib.create_mesh(data=-1)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.device_put(ToyState(jnp.zeros((), jnp.int32), {"w": jnp.zeros(3)}), replicated)
+    shardings = jax.tree.map(lambda _: replicated, state)
+    step = jit_train_step(toy_step, shardings, mesh, nonfinite=config.train.nonfinite)
+    key = jax.random.key(0)
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=10)
+    writer = MetricsWriter(str(tmp_path), "toy")
+    try:
+        return checkpointer, run_steps(
+            stage="toy",
+            config=config,
+            mesh=mesh,
+            state=state,
+            step_fn=lambda s, b: step(s, b, key),
+            batches=batches(bad_steps),
+            data_iterator=None,
+            checkpointer=checkpointer,
+            writer=writer,
+        )
+    finally:
+        checkpointer.wait()
+        writer.close()
+
+
+def saved_params(checkpointer, step):
+    abstract = ToyState(jnp.zeros((), jnp.int32), {"w": jnp.zeros(3)})
+    restored = checkpointer.restore(abstract, step=step)
+    return int(restored.step), np.asarray(restored.params["w"])
+
+
+def logged(tmp_path):
+    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_halt_names_the_first_bad_step_and_the_last_good_checkpoint(tmp_path):
+    # Step 6 is bad; the host looks at steps 5..8 together at step 8 and names step 6.
+    with pytest.raises(NonFiniteLossError) as error:
+        train_toy(tmp_path, toy_config(), bad_steps={6})
+    message = str(error.value)
+    assert "at step 6;" in message
+    assert "last good checkpoint is step 4" in message and str(tmp_path / "ckpt") in message
+    assert "config.train.nonfinite=skip" in message and "\n" not in message
+
+
+def test_halt_saves_no_checkpoint_after_the_bad_step(tmp_path):
+    with pytest.raises(NonFiniteLossError):
+        train_toy(tmp_path, toy_config(), bad_steps={6})
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"))
+    assert checkpointer.all_steps() == [4]
+    step, w = saved_params(checkpointer, 4)
+    assert step == 4 and np.isfinite(w).all()
+
+
+def test_halt_before_any_checkpoint_says_so(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="at step 1; no checkpoint was saved yet"):
+        train_toy(tmp_path, toy_config(), bad_steps={1})
+
+
+def test_skip_drops_the_bad_updates_and_counts_them(tmp_path):
+    config = toy_config(policy="skip")
+    checkpointer, state = train_toy(tmp_path, config, bad_steps={3, 6, 7})
+    assert int(state.step) == 12 and np.isfinite(np.asarray(state.params["w"])).all()
+    for step in checkpointer.all_steps():
+        assert np.isfinite(saved_params(checkpointer, step)[1]).all()
+    records = logged(tmp_path)
+    assert [r["nonfinite_skipped"] for r in records] == [1.0, 2.0, 0.0]
+    assert all(np.isfinite(r["loss"]) for r in records)  # averaged over the kept steps
+
+    # A skipped step leaves the params exactly where they were: the checkpoint of step 4
+    # holds steps 1, 2 and 4 applied (the update of step 3 dropped).
+    expected = ToyState(jnp.zeros((), jnp.int32), {"w": jnp.zeros(3)})
+    for batch_step in (1, 2, 4):
+        expected = toy_step(expected, {"x": clean_batch(batch_step)}, None)[0]
+    np.testing.assert_allclose(
+        saved_params(checkpointer, 4)[1], np.asarray(expected.params["w"]), rtol=1e-6
+    )
+
+
+def clean_batch(step):
+    """The batch ``batches`` yields at ``step`` when no step is bad."""
+    generator = batches(set())
+    for _ in range(step - 1):
+        next(generator)
+    return next(generator)["x"]
+
+
+def test_skip_halts_once_past_the_budget(tmp_path):
+    config = toy_config(policy="skip", max_skips=2)
+    budget = r"3 steps skipped .*config.train.max_nonfinite_skips=2"
+    with pytest.raises(NonFiniteLossError, match=budget):
+        train_toy(tmp_path, config, bad_steps={2, 5, 6})
+    assert Checkpointer(str(tmp_path / "ckpt")).all_steps() == [4]
+
+
+def test_unknown_policy_is_refused():
+    mesh = mesh_lib.create_mesh(data=-1)
+    with pytest.raises(ValueError, match="config.train.nonfinite='ignore'"):
+        jit_train_step(toy_step, None, mesh, nonfinite="ignore")
+
+
+@pytest.mark.slow
+def test_a_diverging_training_run_stops_with_one_line(tmp_path):
+    """The quickstart with an absurd learning rate: the CLI names the step and checkpoint."""
+    result = run_cli(
+        "train",
+        "--config=configs/quickstart.py:tiny",
+        f"--workdir={tmp_path}",
+        "--config.stage=autoencoder",
+        "--config.autoencoder.train.learning_rate=1e30",
+        "--config.autoencoder.train.warmup_steps=0",
+        "--config.autoencoder.train.steps=6",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=1",
+    )
+    assert result.returncode != 0, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "non-finite" in last and "at step" in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    # The checkpoint the message names was completed before the process exited, and what
+    # was saved before the divergence is finite.
+    checkpoints = tmp_path / "checkpoints" / "autoencoder"
+    named = int(last.split("last good checkpoint is step ")[1].split()[0])
+    assert f"in {checkpoints}" in last
+    saved = sorted(checkpoints.glob("*/state"))
+    assert [int(p.parent.name) for p in saved][-1] == named
+    for state_dir in saved:
+        leaves = jax.tree.leaves(ocp.StandardCheckpointer().restore(state_dir))
+        assert all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))

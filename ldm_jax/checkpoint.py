@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from typing import Any
 
 import grain
@@ -25,19 +26,76 @@ from ldm_jax.data.process_blocks import rescale_loader_state
 log = logging.getLogger(__name__)
 
 _STATE, _DATA, _CONFIG = "state", "data_iterator", "config"
+_HALF_WRITTEN = "*.orbax-checkpoint-tmp*"
+_GIB = 1024**3
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint save (possibly in the background) did not produce its checkpoint."""
 
 
 class Checkpointer:
-    """A stage's checkpoint directory: ``save`` every N steps, ``restore`` the newest."""
+    """A stage's checkpoint directory: ``save`` every N steps, ``restore`` the newest.
+
+    A save that fails in the background is reported by the next call to ``check``, ``save``
+    or ``wait`` as a CheckpointSaveError naming the step, instead of leaving a silent gap.
+    """
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_checkpointing: bool = True):
         self.directory = os.path.abspath(directory)
+        self.max_to_keep = max_to_keep
+        half_written = sorted(glob.glob(os.path.join(self.directory, _HALF_WRITTEN)))
+        if half_written:
+            log.warning(
+                "ignoring %d half-written checkpoint(s) in %s (an earlier run stopped while "
+                "saving): %s; the newest complete checkpoint is used",
+                len(half_written),
+                self.directory,
+                ", ".join(os.path.basename(p) for p in half_written),
+            )
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_checkpointing
+                max_to_keep=max_to_keep,
+                create=True,
+                enable_async_checkpointing=async_checkpointing,
+                cleanup_tmp_directories=True,
             ),
         )
+        self._unconfirmed: int | None = None  # a started save not yet seen on disk
+
+    def check(self) -> None:
+        """Raises CheckpointSaveError when the last started save finished without producing
+        its checkpoint (a full disk, a lost bucket); cheap while the save is in progress."""
+        if self._unconfirmed is None or self._manager.is_saving_in_progress():
+            return
+        step, self._unconfirmed = self._unconfirmed, None
+        self._manager.reload()
+        if step not in self._manager.all_steps():
+            raise CheckpointSaveError(
+                f"the checkpoint of step {step} was not written to {self.directory} (the "
+                f"error is logged above); the newest checkpoint there is step "
+                f"{self._manager.latest_step()}. Free space or fix access to the workdir "
+                "and run the same command to resume"
+            )
+
+    def check_space(self, state: Any, min_free_gib: float) -> None:
+        """Raises CheckpointSaveError unless the directory's disk has ``min_free_gib`` GiB
+        free beyond the checkpoints of ``state`` still to be written (``max_to_keep`` of them,
+        less those already there)."""
+        state_bytes = sum(
+            x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype")
+        )
+        to_write = max(1, self.max_to_keep - len(self.all_steps()))
+        needed = min_free_gib * _GIB + state_bytes * to_write
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise CheckpointSaveError(
+                f"{self.directory} has {free / _GIB:.2f} GiB free but needs {needed / _GIB:.2f} "
+                f"GiB: {to_write} checkpoint(s) of {state_bytes / _GIB:.2f} GiB plus "
+                f"config.train.min_free_gib={min_free_gib}. Free space, choose another "
+                "--workdir, or lower config.train.max_to_keep"
+            )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -54,7 +112,16 @@ class Checkpointer:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items[_CONFIG] = ocp.args.JsonSave(config)
+        self.wait_if_saving()
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._unconfirmed = step
+        self.check()
+
+    def wait_if_saving(self) -> None:
+        """Waits for a save in progress and checks that it produced its checkpoint."""
+        if self._unconfirmed is not None:
+            self._manager.wait_until_finished()
+            self.check()
 
     def restore(
         self, abstract_state: Any, data_iterator: Any = None, step: int | None = None
@@ -110,6 +177,7 @@ class Checkpointer:
     def wait(self) -> None:
         """Blocks until every started save is on disk (raises if one failed)."""
         self._manager.wait_until_finished()
+        self.check()
 
     def close(self) -> None:
         self._manager.close()

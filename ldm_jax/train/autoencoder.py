@@ -338,6 +338,7 @@ def train(
     state, shardings = restore_or_create(
         config, checkpointer, mesh, rules, data_iterator, modules=modules
     )
+    checkpointer.check_space(state, config.train.min_free_gib)
     lpips_params = jax.device_put(lpips_params, sharding.replicated(mesh))
     settings = LossSettings.from_config(config)
     steps = {  # compiled on first use: the GAN step only once disc_start is reached

@@ -344,6 +344,7 @@ def train(
     state, shardings = restore_or_create(
         config, model, checkpointer, mesh, rules, data_iterator, workdir=workdir
     )
+    checkpointer.check_space(state, config.train.min_free_gib)
 
     step = jit_train_step(
         functools.partial(

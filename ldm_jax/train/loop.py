@@ -147,6 +147,7 @@ def run_steps(
     with jax.set_mesh(mesh), _finishing(bar, checkpointer):
         for step in range(start + 1, total_steps + 1):
             state, metrics = step_fn(state, next(batches))
+            checkpointer.check()  # a failed background save stops the run here
             pending.append(metrics)
             window_steps += 1
             requested = requested or (should_stop is not None and should_stop(step))
@@ -186,7 +187,15 @@ def run_steps(
                 hook(step, state)
             bar.update(1)
             if stopping:
-                log.info("%s: stopping at step %d on request; it is checkpointed", stage, step)
+                checkpointer.wait()
+                log.warning(
+                    "%s: stopped at step %d on request; checkpoint of step %d saved in %s; "
+                    "run the same command to resume",
+                    stage,
+                    step,
+                    step,
+                    checkpointer.directory,
+                )
                 break
     checkpointer.wait()
     if skipped_total and is_main:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable
 
 import jax
@@ -28,6 +29,7 @@ def train(
       early (it is checkpointed, and the next call resumes it).
     """
     config_lib.validate(config, jax.device_count())
+    check_workdir(workdir, config.train.min_free_gib)
     mesh = mesh_lib.create_mesh(**config_lib.mesh_sizes(config))
     rules = mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
     log.info(
@@ -37,7 +39,6 @@ def train(
         jax.process_count(),
     )
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config_lib.to_json(config))
     stages = {"autoencoder": autoencoder, "diffusion": diffusion}
@@ -50,3 +51,26 @@ def train(
             if int(state.step) < config[name].train.steps:
                 return False
     return True
+
+
+def check_workdir(workdir: str, min_free_gib: float) -> None:
+    """Fails before any compilation when ``workdir`` cannot be created or written, or its
+    disk has less than ``min_free_gib`` GiB free (the stages check again, with the size of
+    their checkpoints, once their state is built)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise OSError(
+            f"--workdir={workdir} is not a writable directory ({error.strerror or error}); "
+            "choose another --workdir"
+        ) from error
+    free_gib = shutil.disk_usage(workdir).free / 1024**3
+    if free_gib < min_free_gib:
+        raise OSError(
+            f"--workdir={workdir} has {free_gib:.2f} GiB free, less than "
+            f"config.train.min_free_gib={min_free_gib}; free space or choose another --workdir"
+        )

@@ -129,22 +129,30 @@ class ClipTokenizer:
 
         Raises:
           FileNotFoundError: neither vocab.json + merges.txt nor tokenizer.json is there.
+          ValueError: a file is not the JSON or text transformers writes (a pickle, say),
+            naming the directory.
         """
         directory = os.fspath(path)
         vocab_path, merges_path = (os.path.join(directory, n) for n in (VOCAB_FILE, MERGES_FILE))
         fast_path = os.path.join(directory, FAST_TOKENIZER_FILE)
-        if os.path.isfile(vocab_path) and os.path.isfile(merges_path):
-            vocab, merges = models.BPE.read_file(vocab_path, merges_path)
-        elif os.path.isfile(fast_path):
-            vocab, merges = _read_fast_tokenizer_bpe(fast_path)
-        else:
+        has_bpe_files = os.path.isfile(vocab_path) and os.path.isfile(merges_path)
+        if not has_bpe_files and not os.path.isfile(fast_path):
             raise FileNotFoundError(
                 f"no CLIP tokenizer in {directory}: it needs {VOCAB_FILE} and {MERGES_FILE} "
                 f"(or {FAST_TOKENIZER_FILE})."
             )
-        return cls(
-            vocab, merges, max_length=max_length, special_tokens=_read_special_tokens(directory)
-        )
+        try:
+            if has_bpe_files:
+                vocab, merges = models.BPE.read_file(vocab_path, merges_path)
+            else:
+                vocab, merges = _read_fast_tokenizer_bpe(fast_path)
+            special_tokens = _read_special_tokens(directory)
+        except Exception as error:  # `tokenizers` raises plain Exceptions for unreadable files
+            raise ValueError(
+                f"cannot read the CLIP tokenizer in {directory}: {error}. Its files must be "
+                f"the UTF-8 JSON and text files transformers writes ({', '.join(TOKENIZER_FILES)})."
+            ) from error
+        return cls(vocab, merges, max_length=max_length, special_tokens=special_tokens)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """Encodes texts; "" encodes as `<|startoftext|> <|endoftext|> pad...`.

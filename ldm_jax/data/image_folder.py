@@ -9,11 +9,13 @@ Layout::
       dogs/puppies/002.jpg    class "dogs": deeper folders belong to their first level
       003.webp                at the root: label -1
 
-Images are decoded to RGB: grayscale and palette images are expanded, and transparent
-pixels are composited onto white. Every file is checked when the source is built; the ones
-PIL cannot open are skipped with one warning. A file that passes the check but still fails
-to decode when read is replaced by the next readable record (wrapping around) and counted
-in ``decode_failures`` of the reading process, so one bad file never stops training.
+Images are decoded to RGB: grayscale (16-bit included) and palette images are expanded,
+and transparent pixels are composited onto white. Every file is checked when the source is
+built; the ones PIL cannot open are skipped with one warning. A file that passes the check
+but still fails to decode when read is replaced by the next readable record (wrapping
+around) and counted in ``decode_failures`` of the reading process, so one bad file never
+stops training. Captions that are not valid UTF-8 are read with the undecodable bytes
+replaced (U+FFFD), and counted in a warning.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 _PATH_HINT = "set --config.data.path to a folder of images"
 _NAMES_IN_WARNING = 5
+# Integer grey modes of 16-bit files (PNG, TIFF): "I;16*", or "I" from older Pillows.
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,10 @@ def _is_readable_image(path: pathlib.Path) -> bool:
 def _to_rgb(image: Image.Image) -> np.ndarray:
     """Returns the image as uint8 (H, W, 3), transparent pixels composited onto white."""
     image = ImageOps.exif_transpose(image)
+    if image.mode in _WIDE_GREY_MODES:
+        # PIL clips these to 8 bits instead of scaling them: 16-bit grey would come out white.
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 2**16 - 1)
+        image = Image.fromarray((wide >> 8).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -58,8 +66,12 @@ def _read_metadata_captions(root: pathlib.Path) -> dict[str, str]:
     if not metadata_path.is_file():
         return {}
     captions = {}
-    with metadata_path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    non_utf8_lines = []
+    with metadata_path.open("rb") as lines:
+        for line_number, raw_line in enumerate(lines, start=1):
+            line, is_utf8 = _decode_text(raw_line)
+            if not is_utf8:
+                non_utf8_lines.append(line_number)
             if not line.strip():
                 continue
             try:
@@ -71,7 +83,24 @@ def _read_metadata_captions(root: pathlib.Path) -> dict[str, str]:
                     f"{metadata_path}:{line_number}: each line must be a JSON object with "
                     f'"file_name" and "text" (or "caption"): {error}'
                 ) from error
+    if non_utf8_lines:
+        logger.warning(
+            "%d line(s) of %s are not valid UTF-8 (e.g. line %d): read with the undecodable "
+            "bytes replaced.",
+            len(non_utf8_lines),
+            metadata_path,
+            non_utf8_lines[0],
+        )
     return captions
+
+
+def _decode_text(raw: bytes) -> tuple[str, bool]:
+    """``raw`` as UTF-8 (a byte-order mark dropped), and whether it was valid UTF-8;
+    invalid bytes become U+FFFD."""
+    try:
+        return raw.decode("utf-8-sig"), True
+    except UnicodeDecodeError:
+        return raw.decode("utf-8-sig", errors="replace"), False
 
 
 class ImageFolderSource:
@@ -85,6 +114,8 @@ class ImageFolderSource:
         class_names: Sorted first-level subfolder names holding images; a label indexes it.
         num_unreadable: Files skipped because PIL could not open them.
         decode_failures: Records replaced since this process built or unpickled the source.
+        non_utf8_captions: Caption files this process found not to be valid UTF-8 (each
+            read with the undecodable bytes replaced, and counted and logged once).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -133,6 +164,12 @@ class ImageFolderSource:
             metadata_captions.get(file.as_posix(), "") for file in self._files
         ]
         self.decode_failures = 0
+        self._non_utf8_caption_files: set[int] = set()
+
+    @property
+    def non_utf8_captions(self) -> int:
+        """Caption files this process found not to be valid UTF-8."""
+        return len(self._non_utf8_caption_files)
 
     def __len__(self) -> int:
         return len(self._files)
@@ -140,9 +177,18 @@ class ImageFolderSource:
     def caption(self, index: int) -> str:
         """The caption of image `index`, read without decoding the image."""
         caption_file = (self.root / self._files[index]).with_suffix(".txt")
-        if caption_file.is_file():
-            return caption_file.read_text(encoding="utf-8").strip()
-        return self._metadata_captions[index]
+        if not caption_file.is_file():
+            return self._metadata_captions[index]
+        text, is_utf8 = _decode_text(caption_file.read_bytes())
+        if not is_utf8 and index not in self._non_utf8_caption_files:
+            self._non_utf8_caption_files.add(index)
+            logger.warning(
+                "Caption %s is not valid UTF-8: read with the undecodable bytes replaced "
+                "(%d such caption file(s) so far).",
+                caption_file,
+                self.non_utf8_captions,
+            )
+        return text.strip()
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
         index = int(index)
@@ -155,7 +201,11 @@ class ImageFolderSource:
                     pixels = _to_rgb(image)
             except Exception:  # PIL raises many types for undecodable files.
                 self.decode_failures += 1
-                logger.warning("Cannot decode %s; reading the next image.", self._files[candidate])
+                logger.warning(
+                    "Cannot decode %s; reading the next image (%d image(s) replaced so far).",
+                    self.root / self._files[candidate],
+                    self.decode_failures,
+                )
                 continue
             return {
                 "image": pixels,

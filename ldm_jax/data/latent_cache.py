@@ -208,8 +208,14 @@ def read_metadata(directory: str) -> dict[str, Any] | None:
     path = os.path.join(directory, METADATA_FILE)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as error:  # not UTF-8, or not JSON
+        raise ValueError(
+            f"{path} is not the JSON file `ldm-jax cache-latents` writes ({error}); "
+            f"re-create the cache ({_RUN_HINT.format(directory=directory)})"
+        ) from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +233,8 @@ class LatentCacheSource:
 
     Raises:
       FileNotFoundError: if the folder, its ``metadata.json`` or a shard is missing.
-      ValueError: if the metadata is of another format version or the shards do not hold
-        the number of records it states.
+      ValueError: if the metadata is of another format version or not JSON, the shards are
+        not ArrayRecord files, or they do not hold the number of records it states.
     """
 
     def __init__(self, directory: str):
@@ -258,7 +264,13 @@ class LatentCacheSource:
                 f"({hint})"
             )
         self.metadata = metadata
-        self._records = grain.sources.ArrayRecordDataSource(paths)
+        try:
+            self._records = grain.sources.ArrayRecordDataSource(paths)
+        except (OSError, RuntimeError, ValueError) as error:  # ArrayRecord's corrupt-file errors
+            raise ValueError(
+                f"latent cache {directory}: its shards are not ArrayRecord files written by "
+                f"`ldm-jax cache-latents` ({error}); re-create it ({hint})"
+            ) from error
         if len(self._records) != metadata["num_records"]:
             raise ValueError(
                 f"latent cache {directory}: metadata.json says num_records="

@@ -87,10 +87,17 @@ def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
 
     Raises:
         FileNotFoundError: If there is no file at ``path``.
+        ValueError: If the file is not a tokenizer JSON (a pickle, say), naming it.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"tokenizer file {os.fspath(path)!r} not found: point the tokenizer path of the "
             "config at a tokenizer.json written by save_tokenizer."
         )
-    return tokenizers.Tokenizer.from_file(os.fspath(path))
+    try:
+        return tokenizers.Tokenizer.from_file(os.fspath(path))
+    except Exception as error:  # `tokenizers` raises plain Exceptions for unreadable files
+        raise ValueError(
+            f"tokenizer file {os.fspath(path)!r} is not a tokenizer JSON written by "
+            f"save_tokenizer: {error}"
+        ) from error

@@ -96,9 +96,16 @@ def reference_features(
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(workdir, REFERENCE_DIR, f"{digest}.npz")
     if os.path.isfile(path):
-        with np.load(path, allow_pickle=False) as cached:
-            log.info("FID reference: %d cached features from %s", len(cached["features"]), path)
-            return cached["features"]
+        try:
+            with np.load(path, allow_pickle=False) as cached:
+                features = cached["features"]
+        except (OSError, ValueError, KeyError) as error:  # pickles are refused, not opened
+            raise ValueError(
+                f"the FID reference cache {path} is not a features file written by ldm_jax "
+                f"({error}); delete it to compute the features again"
+            ) from error
+        log.info("FID reference: %d cached features from %s", len(features), path)
+        return features
     log.info("FID reference: computing the features of %d dataset images", count)
     features = extractor.of_source(source, count, image_size)
     if jax.process_index() == 0:

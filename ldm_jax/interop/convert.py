@@ -24,6 +24,7 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 _FLAX_NAMES_OF_WEIGHT = ("kernel", "scale", "embedding")
@@ -49,6 +50,42 @@ class ImportedModel:
 
 class WeightsMismatchError(ValueError):
     """The weights do not fit the model: names missing, unexpected, or of another shape."""
+
+
+def refuse_unexpected(tensors: Any, expected: Any, what: str, advice: str) -> None:
+    """Raises `WeightsMismatchError` when `tensors` holds names the model does not have.
+
+    Args:
+      tensors: the names read from the file.
+      expected: the names the model reads.
+      what: how the message names the file, e.g. "--inception_weights=PATH".
+      advice: how to write a right file, appended to the message.
+    """
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise WeightsMismatchError(
+            f"{what} has {len(unexpected)} unexpected tensor(s) (e.g. {unexpected[:5]}); {advice}"
+        )
+
+
+def check_float_dtype(what: str, value: Any, expected_dtype: Any = np.float32) -> None:
+    """Raises `WeightsMismatchError` unless `value` is a floating-point tensor.
+
+    Weights are cast to the model's float dtype when loaded, so any float width (float16,
+    bfloat16, float32, ...) is accepted; an integer or boolean tensor where the model has a
+    float parameter would be cast silently into garbage, so it is refused.
+
+    Args:
+      what: how the message names the tensor, e.g. "U-Net tensor 'conv_in.weight'".
+      value: the tensor as read from the file.
+      expected_dtype: the model's dtype for it, for the message.
+    """
+    dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise WeightsMismatchError(
+            f"{what} has dtype {dtype} in the weights, but the model expects a floating-point "
+            f"tensor ({np.dtype(expected_dtype).name}). Is this a weights file of this model?"
+        )
 
 
 def flax_module_path(torch_name: str) -> tuple[str, ...]:
@@ -111,7 +148,8 @@ def torch_to_flax(
 
     Raises:
       WeightsMismatchError: a tensor's shape differs from the model's (naming the tensor
-        and both shapes), or names are missing from or unexpected in the weights.
+        and both shapes), a tensor is not floating point (naming it and both dtypes), or
+        names are missing from or unexpected in the weights.
     """
     targets = flax.traverse_util.flatten_dict(flax.core.unfreeze(_unbox(abstract_params)))
     by_module: dict[tuple[str, ...], set[str]] = {}
@@ -136,6 +174,7 @@ def torch_to_flax(
             unexpected.append(name)
             continue
         path = (*module, leaf)
+        check_float_dtype(f"{what} tensor {name!r}", value, targets[path].dtype)
         target_shape = tuple(targets[path].shape)
         array = _to_flax_layout(leaf, np.asarray(value, dtype=np.float32), target_shape)
         if array.shape != target_shape:
@@ -145,7 +184,7 @@ def torch_to_flax(
                 f"(PyTorch layout). Is the model config the one these weights were saved with?"
             )
         converted[path] = array
-    missing = sorted(".".join(p) for p in targets if p not in converted)
+    missing = sorted(_torch_name(p) for p in targets if p not in converted)
     if missing or unexpected:
         raise WeightsMismatchError(
             f"{what} weights do not match the model: "
@@ -166,10 +205,15 @@ def flax_to_torch(params: Any) -> dict[str, np.ndarray]:
             array = np.transpose(array, (3, 2, 0, 1))
         elif leaf == "kernel" and array.ndim == 2:
             array = np.transpose(array)
-        torch_leaf = "weight" if leaf in _FLAX_NAMES_OF_WEIGHT else leaf
-        module = torch_module_name(path[:-1])
-        state_dict[f"{module}.{torch_leaf}" if module else torch_leaf] = array
+        state_dict[_torch_name(path)] = array
     return state_dict
+
+
+def _torch_name(flax_path: tuple[str, ...]) -> str:
+    """The PyTorch name of a parameter: `("a_0", "kernel")` to `a.0.weight`."""
+    leaf = "weight" if flax_path[-1] in _FLAX_NAMES_OF_WEIGHT else flax_path[-1]
+    module = torch_module_name(flax_path[:-1])
+    return f"{module}.{leaf}" if module else leaf
 
 
 def _unbox(tree: Any) -> Any:

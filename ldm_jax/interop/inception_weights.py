@@ -27,7 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.interop.convert import WeightsMismatchError, torch_to_flax
+from ldm_jax.interop.convert import (
+    WeightsMismatchError,
+    check_float_dtype,
+    refuse_unexpected,
+    torch_to_flax,
+)
 from ldm_jax.interop.safetensors_io import (
     PickleRefusedError,
     read_converter_input,
@@ -75,7 +80,8 @@ def load_inception(
     Raises:
       FileNotFoundError: ``path`` does not exist.
       PickleRefusedError: ``path`` is pickled (the published ``.pth``).
-      WeightsMismatchError: a tensor is missing or has another shape.
+      WeightsMismatchError: a tensor is missing, unexpected, of another shape or not
+        floating point.
       Each message gives the conversion command.
     """
     path = os.fspath(path)
@@ -104,7 +110,14 @@ def load_inception(
                 f"{shape}; it is not a file written by the Inception converter. Write one "
                 f"with: {command}"
             )
+        check_float_dtype(f"--inception_weights={path}: tensor {name!r}", tensors[name])
         flat[name] = np.asarray(tensors[name], dtype=np.float32)
+    refuse_unexpected(
+        tensors,
+        flat,
+        f"--inception_weights={path}",
+        f"it is not a file written by the Inception converter. Write one with: {command}",
+    )
     return FIDInceptionV3(dtype=dtype), flax.traverse_util.unflatten_dict(flat, sep=".")
 
 

@@ -29,7 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.interop.convert import WeightsMismatchError, torch_to_flax
+from ldm_jax.interop.convert import (
+    WeightsMismatchError,
+    check_float_dtype,
+    refuse_unexpected,
+    torch_to_flax,
+)
 from ldm_jax.interop.safetensors_io import (
     PickleRefusedError,
     read_converter_input,
@@ -76,7 +81,8 @@ def load_lpips(path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> tu
     Raises:
       FileNotFoundError: `path` does not exist.
       PickleRefusedError: `path` is a pickled file (the published `.pth` weights).
-      WeightsMismatchError: a tensor is missing or has another shape.
+      WeightsMismatchError: a tensor is missing, unexpected, of another shape or not
+        floating point.
       Each message gives the conversion command.
     """
     path = os.fspath(path)
@@ -108,7 +114,14 @@ def load_lpips(path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> tu
                 f"LPIPS tensor {name!r} in {path} has shape {tensors[name].shape}, expected "
                 f"{shape}. Write the file again with:\n  {command}"
             )
+        check_float_dtype(f"LPIPS tensor {name!r} in {path}", tensors[name])
         flat[name] = np.asarray(tensors[name], dtype=np.float32)
+    refuse_unexpected(
+        tensors,
+        flat,
+        f"LPIPS weights file {path}",
+        f"it is not a file written by the LPIPS converter. Write one with:\n  {command}",
+    )
     return LPIPS(dtype=dtype), flax.traverse_util.unflatten_dict(flat, sep=".")
 
 

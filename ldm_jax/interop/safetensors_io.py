@@ -88,6 +88,8 @@ def read_converter_input(path: str, flag: str) -> dict[str, np.ndarray]:
 
     Raises:
         FileNotFoundError: naming ``flag`` when ``path`` is not a file.
+        PickleRefusedError: torch's weights-only loader refused the pickle (it holds other
+            objects than tensors and plain containers, or is corrupt), naming ``flag``.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}={path} not found")
@@ -96,7 +98,14 @@ def read_converter_input(path: str, flag: str) -> dict[str, np.ndarray]:
     except PickleRefusedError:
         import torch  # only the converters read pickles; the runtime never needs torch
 
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises an UnpicklingError, among others
+            raise PickleRefusedError(
+                f"{flag}={path}: torch's weights-only loader refused this pickle "
+                f"({' '.join(str(error).split())[:300]}); only a state dict of tensors is "
+                f"read. Pass such a file, or a safetensors file."
+            ) from error
         return {
             name: value.float().numpy()
             for name, value in state_dict.items()

@@ -48,18 +48,20 @@ class Checkpointer:
         if half_written:
             log.warning(
                 "ignoring %d half-written checkpoint(s) in %s (an earlier run stopped while "
-                "saving): %s; the newest complete checkpoint is used",
+                "saving): %s; removing them and using the newest complete checkpoint",
                 len(half_written),
                 self.directory,
                 ", ".join(os.path.basename(p) for p in half_written),
             )
+            if jax.process_index() == 0:
+                for path in half_written:
+                    shutil.rmtree(path, ignore_errors=True)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep,
                 create=True,
                 enable_async_checkpointing=async_checkpointing,
-                cleanup_tmp_directories=True,
             ),
         )
         self._unconfirmed: int | None = None  # a started save not yet seen on disk

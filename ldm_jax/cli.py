@@ -15,7 +15,8 @@ ldm-jax launch   local|tpu|gke|slurm [--dry-run] [launcher flags] -- <ldm-jax co
 
 Several processes (hosts) join one runtime with --coordinator_address, --num_processes and
 --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on TPU VMs and
-under SLURM they join by themselves.
+under SLURM they join by themselves. A process that dies stops the others at once; one that
+hangs, after --heartbeat_timeout seconds.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ml_collections import config_flags
 
 from ldm_jax.diffusion import SAMPLERS
 from ldm_jax.interop.formats import EXPORT_FORMATS, IMPORT_FORMATS
+from ldm_jax.parallel.distributed import DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
 
 COMMANDS = ("train", "sample", "evaluate", "cache-latents", "import", "export", "compile")
 # Commands that take one positional argument (the path to import).
@@ -163,6 +165,11 @@ _DEVICES_PER_PROCESS = flags.DEFINE_integer(
 )
 _INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout", 300, "Seconds to wait for every process of the job to join."
+)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout",
+    DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
+    "Seconds without a heartbeat after which a process counts as dead.",
 )
 # The commands that run on the device mesh, and so join the job's processes first.
 _MESH_COMMANDS = ("train", "sample", "evaluate", "cache-latents")
@@ -393,8 +400,10 @@ def main(argv: list[str]) -> None:
             _join_processes()
         commands[command]()
     except (ConfigError, OSError, ValueError, FloatingPointError) as error:
-        message = " ".join(str(error).split())
-        print(f"ldm-jax {command}: error: {message}", file=sys.stderr)
+        print(f"ldm-jax {command}: error: {_one_line(error)}", file=sys.stderr)
+        from ldm_jax.parallel import peers
+
+        peers.exit_job(2)  # several processes: the others stop too, not waiting for this one
         sys.exit(2)
 
 
@@ -410,6 +419,7 @@ def _join_processes() -> None:
         process_id=_PROCESS_ID.value,
         devices_per_process=_DEVICES_PER_PROCESS.value,
         initialization_timeout=_INITIALIZATION_TIMEOUT.value,
+        heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
         environ=os.environ,
     )
     if distributed.initialize(options, os.environ) and jax.process_index() > 0:
@@ -447,20 +457,35 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         parsed = flags.FLAGS(argv)
     except flags.Error as error:
-        print(f"ldm-jax: error: {error}", file=sys.stderr)
+        print(f"ldm-jax: error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         # ml_collections raises these for an override of a key the config does not have,
         # or a value of the wrong type.
-        overrides = [a for a in argv if a.startswith("--config.")]
+        overrides = " ".join(" ".join(a.split()) for a in argv if a.startswith("--config."))
         print(
-            f"ldm-jax: error: bad config override {error} in {' '.join(overrides)}; the keys "
+            f"ldm-jax: error: bad config override {_one_line(error)} in {overrides}; the keys "
             "and their types are those of the config file (see ldm_jax/config.py:base_config)",
             file=sys.stderr,
         )
         sys.exit(2)
+    except Exception as error:  # the --config file's own code raised (SyntaxError, ...)
+        name = type(error).__name__
+        print(f"ldm-jax: error: --config file failed: {name}: {_one_line(error)}", file=sys.stderr)
+        sys.exit(2)
     _configure_logging()
     return parsed
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line; of a traceback inside it (ml_collections quotes
+    the one of a config file that raised), only the exception at its end."""
+    text = str(error)
+    head, marker, trace = text.partition("Traceback (most recent call last):")
+    if marker:
+        lines = [line for line in trace.splitlines() if line.strip()]
+        text = f"{head} {lines[-1] if lines else ''}"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

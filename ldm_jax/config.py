@@ -1,8 +1,9 @@
-"""The configuration schema, its one ``validate``, and JSON round trips.
+"""The configuration schema and its JSON round trips; ``validate`` is re-exported here.
 
 Every run is described by one ``ml_collections.ConfigDict``. ``base_config()`` holds every key
-with its default; ``configs/NAME.py`` changes what it needs. ``validate`` runs once at start-up
-and names the bad key and the allowed values, so a mistake never surfaces inside jax.
+with its default; ``configs/NAME.py`` changes what it needs. ``validate``
+(``config_checks.py``) runs once at start-up and names the bad key and the allowed values, so
+a mistake never surfaces inside jax.
 """
 
 from __future__ import annotations
@@ -13,31 +14,23 @@ from typing import Any
 
 import ml_collections
 
+from ldm_jax.config_checks import ConfigError, autoencoder_factor, mesh_sizes, validate
 from ldm_jax.data.shapes import NUM_CLASSES
-from ldm_jax.diffusion import (
-    PREDICTION_TYPES,
-    SAMPLERS,
-    SCHEDULE_KINDS,
-    TIMESTEP_SPACINGS,
-)
-from ldm_jax.image_conditioning import CONCAT_CONDITIONINGS
-from ldm_jax.models import DISCRIMINATOR_NORMS
-from ldm_jax.models.unet import ATTENTION_TYPES as UNET_ATTENTION_TYPES
-from ldm_jax.models.unet import REMAT_POLICIES
 from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.train.gan import DISCRIMINATOR_LOSSES
 
-STAGES = ("both", "autoencoder", "diffusion")
-SOURCES = ("shapes", "image_folder", "tfds")
-CONDITIONINGS = ("text", "class", "none")
-TEXT_ENCODER_KINDS = ("scratch", "clip")
-DTYPES = ("float32", "bfloat16")
-AUTOENCODER_KINDS = ("kl", "vq")
-PIXEL_LOSSES = ("l1", "l2")
-
-
-class ConfigError(ValueError):
-    """A config value a user has to change; the message names the key and what is allowed."""
+# The validation lives in config_checks.py; these names are part of this module's API.
+__all__ = [
+    "ConfigError",
+    "autoencoder_factor",
+    "base_config",
+    "from_json",
+    "latent_shape",
+    "load_workdir_config",
+    "mesh_sizes",
+    "num_classes",
+    "to_json",
+    "validate",
+]
 
 
 def _optimizer(steps: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
@@ -252,221 +245,9 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def autoencoder_factor(config: ml_collections.ConfigDict) -> int:
-    """Spatial downsampling factor f of the autoencoder."""
-    return 2 ** (len(config.autoencoder.model.block_out_channels) - 1)
-
-
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     size = config.data.image_size // autoencoder_factor(config)
     return size, size, config.autoencoder.model.latent_channels
-
-
-def mesh_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
-    """The ``config.mesh`` sizes, as ``mesh.create_mesh`` and ``mesh.mesh_shape`` take them."""
-    keys = ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor")
-    return {key: config.mesh[key] for key in keys}
-
-
-def _check_choice(key: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"config.{key}={value!r} is not allowed; choose one of {tuple(allowed)}")
-
-
-def _check_positive(key: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"config.{key}={value!r} must be a positive number")
-
-
-def _check_groups(key: str, channels, groups: int) -> None:
-    for c in channels:
-        if c % groups:
-            raise ConfigError(
-                f"config.{key}.norm_num_groups={groups} must divide every entry of "
-                f"config.{key}.block_out_channels={tuple(channels)}"
-            )
-
-
-def _check_first_stage_loss(loss: ml_collections.ConfigDict, check_files: bool) -> None:
-    _check_choice("autoencoder.loss.pixel", loss.pixel, PIXEL_LOSSES)
-    _check_choice("autoencoder.loss.disc_loss", loss.disc_loss, tuple(DISCRIMINATOR_LOSSES))
-    _check_choice("autoencoder.loss.disc_norm", loss.disc_norm, DISCRIMINATOR_NORMS)
-    if check_files and loss.lpips_weights and not os.path.isfile(loss.lpips_weights):
-        raise ConfigError(
-            f"config.autoencoder.loss.lpips_weights={loss.lpips_weights!r} is not a file; make "
-            "it with `python -m ldm_jax.interop.lpips_weights --vgg=... --heads=... --out=...` "
-            "or leave it empty to train without the perceptual loss"
-        )
-    for key in ("disc_weight", "disc_start", "perceptual_weight", "codebook_weight"):
-        if loss[key] < 0:
-            raise ConfigError(f"config.autoencoder.loss.{key}={loss[key]} must be >= 0")
-
-
-def validate(config: ml_collections.ConfigDict, num_devices: int, check_files: bool = True) -> None:
-    """Checks every value a run depends on; raises ConfigError naming the key and the fix.
-
-    ``check_files=False`` leaves out the data, weight and cache paths, for a run that needs
-    only the shapes (``ldm-jax compile``).
-    """
-    _check_choice("stage", config.stage, STAGES)
-    _check_choice("dtype", config.dtype, DTYPES)
-    data = config.data
-    _check_choice("data.source", data.source, SOURCES)
-    _check_positive("data.image_size", data.image_size)
-    if data.source == "image_folder" and check_files:
-        if not data.path:
-            raise ConfigError(
-                "config.data.source='image_folder' needs a folder: set --config.data.path"
-            )
-        if not os.path.isdir(data.path):
-            raise ConfigError(
-                f"config.data.path={data.path!r} is not a directory; "
-                "set --config.data.path to a folder of images"
-            )
-    if data.source == "tfds" and not data.tfds_name:
-        raise ConfigError(
-            "config.data.source='tfds' needs a dataset: set --config.data.tfds_name "
-            "(and --config.data.tfds_data_dir)"
-        )
-    if (
-        check_files
-        and data.latent_cache
-        and not os.path.isfile(os.path.join(data.latent_cache, "metadata.json"))
-    ):
-        raise ConfigError(
-            f"config.data.latent_cache={data.latent_cache!r} holds no metadata.json: write the "
-            "cache with `ldm-jax cache-latents --workdir=STAGE1_DIR --out=DIR` or unset "
-            "--config.data.latent_cache"
-        )
-    if data.worker_count < 0:
-        raise ConfigError(f"config.data.worker_count={data.worker_count} must be >= 0")
-
-    ae = config.autoencoder
-    _check_choice("autoencoder.kind", ae.kind, AUTOENCODER_KINDS)
-    _check_groups("autoencoder.model", ae.model.block_out_channels, ae.model.norm_num_groups)
-    levels = ae.model.attention_levels
-    if levels and len(levels) != len(ae.model.block_out_channels):
-        raise ConfigError(
-            f"config.autoencoder.model.attention_levels={tuple(levels)} needs one entry per "
-            f"entry of config.autoencoder.model.block_out_channels (or none at all)"
-        )
-    if ae.kind == "vq":
-        _check_positive("autoencoder.model.num_embeddings", ae.model.num_embeddings)
-    _check_first_stage_loss(ae.loss, check_files)
-    factor = autoencoder_factor(config)
-    if data.image_size % factor:
-        raise ConfigError(
-            f"config.data.image_size={data.image_size} is not divisible by the autoencoder factor "
-            f"f={factor} (2**(len(config.autoencoder.model.block_out_channels)-1)); choose an "
-            f"image size that is a multiple of {factor}"
-        )
-
-    dm = config.diffusion
-    _check_choice("diffusion.conditioning", dm.conditioning, CONDITIONINGS)
-    _check_choice("diffusion.schedule", dm.schedule, SCHEDULE_KINDS)
-    _check_choice("diffusion.prediction_type", dm.prediction_type, PREDICTION_TYPES)
-    if not 0.0 <= dm.cond_drop_prob < 1.0:
-        raise ConfigError(f"config.diffusion.cond_drop_prob={dm.cond_drop_prob} must be in [0, 1)")
-    _check_choice("diffusion.concat_conditioning", dm.concat_conditioning, CONCAT_CONDITIONINGS)
-    if dm.concat_conditioning and (dm.encode_once or data.latent_cache):
-        raise ConfigError(
-            f"config.diffusion.concat_conditioning={dm.concat_conditioning!r} encodes the images "
-            "of every step: set --config.diffusion.encode_once=False and no data.latent_cache"
-        )
-    if dm.concat_conditioning == "sr" and data.image_size % dm.super_resolution_factor:
-        raise ConfigError(
-            f"config.data.image_size={data.image_size} is not divisible by "
-            f"config.diffusion.super_resolution_factor={dm.super_resolution_factor}"
-        )
-    if dm.conditioning == "class" and data.source != "shapes" and data.num_classes <= 0:
-        raise ConfigError(
-            "config.diffusion.conditioning='class' needs the number of classes: "
-            "set --config.data.num_classes"
-        )
-    _check_choice("diffusion.text_encoder.kind", dm.text_encoder.kind, TEXT_ENCODER_KINDS)
-    if check_files and dm.text_encoder.kind == "clip" and not dm.text_encoder.pretrained:
-        raise ConfigError(
-            "config.diffusion.text_encoder.kind='clip' needs its weights: set "
-            "--config.diffusion.text_encoder.pretrained to a transformers CLIP text model "
-            "directory (or make the workdir with `ldm-jax import`)"
-        )
-    _check_groups("diffusion.unet", dm.unet.block_out_channels, dm.unet.norm_num_groups)
-    _check_choice("diffusion.unet.attention_type", dm.unet.attention_type, UNET_ATTENTION_TYPES)
-    _check_choice("diffusion.unet.remat", dm.unet.remat, tuple(REMAT_POLICIES))
-    if dm.unet.class_context_dim < 0:
-        raise ConfigError(
-            f"config.diffusion.unet.class_context_dim={dm.unet.class_context_dim} must be >= 0"
-        )
-    if dm.unet.attention_type == "plain":
-        if dm.conditioning == "text" or dm.unet.class_context_dim:
-            raise ConfigError(
-                "config.diffusion.unet.attention_type='plain' has no cross-attention, so it "
-                "cannot take text or a class token: use attention_type='transformer', or "
-                "conditioning='class' with class_context_dim=0, or conditioning='none'"
-            )
-    if dm.unet.attention_head_dim > 0:
-        for channels in dm.unet.block_out_channels:
-            if channels % dm.unet.attention_head_dim:
-                raise ConfigError(
-                    f"config.diffusion.unet.attention_head_dim={dm.unet.attention_head_dim} "
-                    f"must divide every entry of config.diffusion.unet.block_out_channels="
-                    f"{tuple(dm.unet.block_out_channels)}"
-                )
-    depths = dm.unet.transformer_depth_per_level
-    if depths and len(depths) != len(dm.unet.block_out_channels):
-        raise ConfigError(
-            f"config.diffusion.unet.transformer_depth_per_level={tuple(depths)} needs one entry "
-            "per entry of config.diffusion.unet.block_out_channels (or none at all)"
-        )
-    if len(dm.unet.attention_levels) != len(dm.unet.block_out_channels):
-        raise ConfigError(
-            "config.diffusion.unet.attention_levels needs one entry per entry of "
-            "config.diffusion.unet.block_out_channels"
-        )
-    latent_size = data.image_size // factor
-    unet_factor = 2 ** (len(dm.unet.block_out_channels) - 1)
-    if latent_size % unet_factor:
-        raise ConfigError(
-            f"latents of size {latent_size} cannot be halved {len(dm.unet.block_out_channels) - 1} "
-            "times by the U-Net: use fewer config.diffusion.unet.block_out_channels or a larger "
-            "config.data.image_size"
-        )
-
-    _check_choice("sample.sampler", config.sample.sampler, SAMPLERS)
-    _check_choice("sample.timestep_spacing", config.sample.timestep_spacing, TIMESTEP_SPACINGS)
-    if not 0.0 <= (rescale := config.sample.guidance_rescale) <= 1.0:
-        raise ConfigError(f"config.sample.guidance_rescale={rescale} must be in [0, 1]")
-    if not 1 <= config.sample.num_steps <= dm.num_timesteps:
-        raise ConfigError(
-            f"config.sample.num_steps={config.sample.num_steps} must be in "
-            f"[1, config.diffusion.num_timesteps={dm.num_timesteps}]"
-        )
-
-    try:
-        shape = mesh_lib.mesh_shape(**mesh_sizes(config), num_devices=num_devices)
-        mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    shards = shape[0] * shape[1]
-    for stage in ("autoencoder", "diffusion"):
-        train = config[stage].train
-        for key in ("steps", "batch_size", "learning_rate", "grad_accum_steps"):
-            _check_positive(f"{stage}.train.{key}", train[key])
-        try:
-            mesh_lib.check_batch_size(
-                f"config.{stage}.train", train.batch_size, train.grad_accum_steps, shards
-            )
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if stage == "autoencoder" and train.grad_accum_steps != 1:
-            raise ConfigError(
-                "config.autoencoder.train.grad_accum_steps must be 1: stage 1 does not "
-                "accumulate gradients (its GAN weight and discriminator see the whole batch)"
-            )
-        if not 0.0 <= train.ema_decay < 1.0:
-            raise ConfigError(f"config.{stage}.train.ema_decay={train.ema_decay} must be in [0, 1)")
-    for key in ("log_every", "checkpoint_every", "max_to_keep"):
-        _check_positive(f"train.{key}", config.train[key])
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -5,7 +5,9 @@ line by line, prefixed ``[i]``. The launch fails fast: when a child exits non-ze
 get SIGTERM, then SIGKILL after a grace period (a peer blocked in a collective with a dead
 process never finishes its step), and the launcher exits non-zero naming the child.
 SIGINT and SIGTERM to the launcher are forwarded to every child, so a preempted job
-checkpoints on all processes and stops.
+checkpoints on all processes and stops. The children watch each other too
+(``parallel/peers.py``): one that dies takes the others down within a second, with exit
+code 2, and the launcher names the one that died.
 """
 
 from __future__ import annotations
@@ -161,9 +163,10 @@ def launch_local(
     try:
         while True:
             codes = [p.poll() for p in children.processes]
-            failed = next(((i, c) for i, c in enumerate(codes) if c not in (None, 0)), None)
-            if failed is not None:
-                index, code = failed
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                # A child killed by a signal is the cause; the peers it took down exit with 2.
+                index, code = min(failed, key=lambda failure: (failure[1] > 0, failure[0]))
                 children.stop(grace_seconds)
                 children.join_output()
                 print(

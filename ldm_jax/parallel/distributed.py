@@ -25,6 +25,8 @@ from contextlib import contextmanager
 import jax
 import numpy as np
 
+from ldm_jax.parallel import peers
+
 ENV_COORDINATOR_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
@@ -41,6 +43,10 @@ _TPU_VARIABLES = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
 _TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
 # JAX's own timeout must not fire before the watchdog's.
 _JAX_TIMEOUT_MARGIN_SECONDS = 30
+# Seconds without a heartbeat after which the coordinator declares a process dead and every
+# other process stops (jax's default is 100 s). Heartbeats come from a C++ thread, so a long
+# compilation or a slow step does not miss them.
+DEFAULT_HEARTBEAT_TIMEOUT_SECONDS = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +60,8 @@ class DistributedOptions:
       devices_per_process: Simulated CPU devices of this process (``jax_num_cpu_devices``);
         None: the platform's devices.
       initialization_timeout: Seconds to wait for every process to join.
+      heartbeat_timeout: Seconds without a heartbeat after which a process counts as dead
+        and the others stop.
     """
 
     coordinator_address: str | None = None
@@ -61,6 +69,7 @@ class DistributedOptions:
     process_id: int | None = None
     devices_per_process: int | None = None
     initialization_timeout: int = 300
+    heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
 
     @property
     def explicit(self) -> bool:
@@ -75,6 +84,7 @@ def options_from(
     devices_per_process: int | None,
     initialization_timeout: int,
     environ: Mapping[str, str],
+    heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
 ) -> DistributedOptions:
     """Flag values where given, else the ``JAX_*`` environment variables; checked.
 
@@ -96,6 +106,7 @@ def options_from(
         process_id=from_env(process_id, ENV_PROCESS_ID, int),
         devices_per_process=devices_per_process,
         initialization_timeout=initialization_timeout,
+        heartbeat_timeout=heartbeat_timeout,
     )
     _check(options)
     return options
@@ -125,10 +136,12 @@ def _check(options: DistributedOptions) -> None:
             )
     if options.devices_per_process is not None and options.devices_per_process < 1:
         raise ValueError(f"--devices_per_process={options.devices_per_process} must be at least 1")
-    if options.initialization_timeout < 1:
-        raise ValueError(
-            f"--initialization_timeout={options.initialization_timeout} must be at least 1 s"
-        )
+    for flag, seconds in (
+        ("--initialization_timeout", options.initialization_timeout),
+        ("--heartbeat_timeout", options.heartbeat_timeout),
+    ):
+        if seconds < 1:
+            raise ValueError(f"{flag}={seconds} must be at least 1 s")
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -219,8 +232,13 @@ def initialize(options: DistributedOptions, environ: Mapping[str, str]) -> bool:
     )
     with _exit_after(timeout, message):
         jax.distributed.initialize(
-            **arguments, initialization_timeout=timeout + _JAX_TIMEOUT_MARGIN_SECONDS
+            **arguments,
+            initialization_timeout=timeout + _JAX_TIMEOUT_MARGIN_SECONDS,
+            heartbeat_timeout_seconds=options.heartbeat_timeout,
         )
+        if options.explicit:
+            host, _ = _split_address(options.coordinator_address)
+            peers.watch(options.process_id, options.num_processes, host)
     return True
 
 

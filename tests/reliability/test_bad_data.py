@@ -32,6 +32,14 @@ WHITE, RED, BLUE, GREEN = (255, 255, 255), (255, 0, 0), (0, 0, 255), (10, 200, 1
 GREY = (128, 128, 128)
 
 
+@pytest.fixture(autouse=True)
+def _logs_reach_caplog(monkeypatch):
+    """The CLI's logging set-up (run by other tests in this process) stops ``ldm_jax`` logs
+    from propagating to the root logger, where caplog listens."""
+    monkeypatch.setattr(logging.getLogger("ldm_jax"), "propagate", True)
+    monkeypatch.setattr(logging.getLogger("ldm_jax"), "disabled", False)
+
+
 def _png16(pixels: np.ndarray) -> bytes:
     """A 16-bit-per-channel PNG of (H, W, 1 | 3 | 4) uint16 pixels (PIL writes none in RGB)."""
     height, width, channels = pixels.shape

@@ -71,6 +71,8 @@ def wait_for_step(process, workdir, step, timeout=600):
 
 def checkpoints(workdir):
     directory = workdir / "checkpoints" / "autoencoder"
+    if not directory.exists():
+        return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
@@ -155,9 +157,13 @@ def kill_during_a_save(process, workdir, timeout=600):
 def test_sigkill_mid_step_and_mid_save_loses_nothing_before_the_newest_checkpoint(
     straight, tmp_path
 ):
-    # Mid-step: killed at an arbitrary step between checkpoints.
+    # Mid-step: killed at an arbitrary step between checkpoints, once one is complete.
     process = start(tmp_path)
     wait_for_step(process, tmp_path, 6)
+    deadline = time.monotonic() + 300
+    while not checkpoints(tmp_path):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
     process.kill()
     process.wait()
     newest = checkpoints(tmp_path)[-1]

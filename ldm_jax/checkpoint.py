@@ -74,12 +74,14 @@ class Checkpointer:
         step, self._unconfirmed = self._unconfirmed, None
         self._manager.reload()
         if step not in self._manager.all_steps():
-            raise CheckpointSaveError(
-                f"the checkpoint of step {step} was not written to {self.directory} (the "
-                f"error is logged above); the newest checkpoint there is step "
-                f"{self._manager.latest_step()}. Free space or fix access to the workdir "
-                "and run the same command to resume"
-            )
+            raise self._save_failed(step, "the error is logged above")
+
+    def _save_failed(self, step: int | None, cause: str) -> CheckpointSaveError:
+        return CheckpointSaveError(
+            f"the checkpoint of step {step} was not written to {self.directory} ({cause}); "
+            f"the newest checkpoint there is step {self._manager.latest_step()}. Free space "
+            "or fix access to the workdir and run the same command to resume"
+        )
 
     def check_space(self, state: Any, min_free_gib: float) -> None:
         """Raises CheckpointSaveError unless the directory's disk has ``min_free_gib`` GiB
@@ -114,16 +116,10 @@ class Checkpointer:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items[_CONFIG] = ocp.args.JsonSave(config)
-        self.wait_if_saving()
+        self.wait()  # the previous save first, checked (orbax would wait for it anyway)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._unconfirmed = step
         self.check()
-
-    def wait_if_saving(self) -> None:
-        """Waits for a save in progress and checks that it produced its checkpoint."""
-        if self._unconfirmed is not None:
-            self._manager.wait_until_finished()
-            self.check()
 
     def restore(
         self, abstract_state: Any, data_iterator: Any = None, step: int | None = None
@@ -178,7 +174,11 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until every started save is on disk (raises if one failed)."""
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # raised again from the background save
+            step, self._unconfirmed = self._unconfirmed, None
+            raise self._save_failed(step, str(error)) from error
         self.check()
 
     def close(self) -> None:

@@ -46,6 +46,17 @@ def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     )
 
 
+class StopAtCall:
+    """``should_stop`` that says yes at its n-th call (calls count steps across both stages)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, step):
+        self.calls += 1
+        return self.calls == self.n
+
+
 def load_config(name: str, variant: str | None = None):
     """``get_config(variant)`` of ``configs/<name>.py`` (``--config=configs/NAME.py:VARIANT``)."""
     path = ROOT / "configs" / f"{name}.py"

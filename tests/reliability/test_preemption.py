@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT, TEST_XLA_FLAGS
+from conftest import ROOT, TEST_XLA_FLAGS, StopAtCall
 
 from ldm_jax.train.run import train
 
@@ -208,17 +208,6 @@ def test_two_processes_stopped_and_resumed_equal_the_uninterrupted_two_process_r
     assert code == 0, stderr[-3000:]
     assert_bitwise_equal(straight, interrupted)
     assert losses(straight) == losses(interrupted)
-
-
-class StopAtCall:
-    """``should_stop`` that says yes at its n-th call."""
-
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def __call__(self, step):
-        self.calls += 1
-        return self.calls == self.n
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import StopAtCall
 
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.train import diffusion as diffusion_stage
@@ -21,17 +22,6 @@ def _sampling_params(workdir):
     mesh = mesh_lib.create_mesh(data=-1)
     generator, _ = diffusion_stage.load_generator(str(workdir), mesh)
     return jax.tree.map(np.asarray, generator.params)
-
-
-class StopAtCall:
-    """``should_stop`` that says yes at its n-th call (calls count steps across both stages)."""
-
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def __call__(self, step):
-        self.calls += 1
-        return self.calls == self.n
 
 
 @pytest.mark.slow

@@ -18,7 +18,6 @@ import math
 import signal
 import sys
 import tempfile
-import time
 import types
 
 import jax
@@ -297,7 +296,7 @@ def test_a_replaced_sub_config_names_the_missing_key():
 FIXED_BAD_VALUES = (None, True, -1, 0, 3, 1.5, float("nan"), "", "x", (), (7,), {"a": 1})
 # The sections whose values shape the models come first in the budgeted builds.
 BUILD_PRIORITY = ("diffusion.unet", "autoencoder.model", "diffusion.text_encoder", "autoencoder")
-BUILD_BUDGET_SECONDS = 8.0
+BUILD_COUNT = 6  # accepted configs started up, in a fixed order (about a second each)
 
 
 def _build_priority(key: str) -> int:
@@ -307,8 +306,8 @@ def _build_priority(key: str) -> int:
 
 def test_every_key_with_each_fixed_bad_value():
     """Every user key x every value of ``FIXED_BAD_VALUES`` is validated; the distinct
-    accepted configs then start up, those of the model sections first, until the time budget
-    is spent (the order is fixed, so CI is repeatable)."""
+    accepted configs then start up, those of the model sections first, ``BUILD_COUNT`` of them
+    (the order is fixed, so CI is repeatable)."""
     accepted = {}
     for key in USER_KEYS:
         for value in FIXED_BAD_VALUES:
@@ -320,13 +319,8 @@ def test_every_key_with_each_fixed_bad_value():
                 continue
             accepted.setdefault(config_lib.to_json(config), (_build_priority(key), key, config))
     assert len(accepted) > 1  # the unchanged config and at least one other
-    started, built = time.monotonic(), 0
-    for _, key, config in sorted(accepted.values(), key=lambda entry: entry[:2]):
-        if time.monotonic() - started > BUILD_BUDGET_SECONDS:
-            break
+    for _, key, config in sorted(accepted.values(), key=lambda entry: entry[:2])[:BUILD_COUNT]:
         _starts_or_refuses(config, key)
-        built += 1
-    assert built >= min(len(accepted), 5)
 
 
 # ------------------------------------------------------------------------------------------

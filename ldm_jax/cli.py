@@ -79,6 +79,12 @@ _STRENGTH = flags.DEFINE_float(
 _OUTPAINT = flags.DEFINE_string(
     "outpaint", None, "`sample --mode=outpaint`: PIXELS, or LEFT,RIGHT,TOP,BOTTOM, to add."
 )
+_PASTE_BACK = flags.DEFINE_bool(
+    "paste_back",
+    True,
+    "`sample --mode=inpaint|outpaint`: keep the input's pixels outside the mask exactly "
+    "(--nopaste_back: the decoder's output everywhere).",
+)
 _FROM = flags.DEFINE_enum("from", None, list(IMPORT_FORMATS), "Format of the PATH to `import`.")
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", None, "`import --from=single-file`: folder with the CLIP vocab.json/merges.txt."
@@ -240,7 +246,9 @@ def _sample() -> None:
     if config.diffusion.conditioning == "none":
         prompts = [""] * _NUM.value
     strength = _STRENGTH.value if _STRENGTH.value is not None else DEFAULT_STRENGTH.get(mode, 1.0)
-    options = dataclasses.replace(_options(config), mode=mode, strength=strength)
+    options = dataclasses.replace(
+        _options(config), mode=mode, strength=strength, paste_back=_PASTE_BACK.value
+    )
     # The mode before the prompts: an sr model asked for txt2img hears about the mode.
     generator.check_inputs(options, {key: image[None] for key, image in inputs.items()})
     conditions = generator.conditions(prompts, labels)

@@ -62,6 +62,9 @@ class SamplingOptions:
     set_alpha_to_one: bool = True
     mode: str = "txt2img"
     strength: float = 1.0  # img2img and inpaint: 1 starts from noise, 0 keeps the image
+    # inpaint: the input's own pixels where the mask is 0, as CompVis' inpainting script does
+    # (the decoder spreads every latent over the whole image; this keeps the rest exact).
+    paste_back: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,10 +252,14 @@ class LatentDiffusion:
             start_step=start_step,
             step_hook=step_hook,
         )
-        images = self.autoencoder.apply(
-            {"params": params["autoencoder"]}, z_0 / self.latent_scale, method="decode"
+        decoded = pixels_to_uint8(
+            self.autoencoder.apply(
+                {"params": params["autoencoder"]}, z_0 / self.latent_scale, method="decode"
+            )
         )
-        return pixels_to_uint8(images)
+        if options.mode == "inpaint" and options.paste_back:
+            return jnp.where(images["mask"] > 0, decoded, images["image"].astype(jnp.uint8))
+        return decoded
 
 
 class Generator:

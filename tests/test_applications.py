@@ -79,9 +79,17 @@ def test_training_free_inpainting_keeps_far_pixels_and_outpainting_extends_the_c
     mask = np.zeros((NUM, 32, 32, 1), np.uint8)
     mask[:, 8:16, 8:16] = 1
     inpaint = dataclasses.replace(OPTIONS, mode="inpaint")
+    pasted = generator(conditions, 3, inpaint, {"image": image, "mask": mask})
+    # By default the input's own pixels are kept outside the mask, exactly.
+    outside = np.broadcast_to(mask == 0, image.shape)
+    np.testing.assert_array_equal(pasted[outside], image[outside])
+    assert not np.array_equal(pasted[~outside], image[~outside])
+    # Without the paste, pixels two latents (8 pixels) from the mask see the same latents:
+    # nearly unchanged.
+    inpaint = dataclasses.replace(inpaint, paste_back=False)
     kept = generator(conditions, 3, inpaint, {"image": image, "mask": np.zeros_like(mask)})
     filled = generator(conditions, 3, inpaint, {"image": image, "mask": mask})
-    # Pixels two latents (8 pixels) from the mask see the same latents: nearly unchanged.
+    np.testing.assert_array_equal(filled[~outside], pasted[~outside])
     far = np.asarray(filled[:, 24:, 24:], int) - kept[:, 24:, 24:]
     assert (
         np.abs(far).mean()

@@ -1,7 +1,7 @@
 """Measures inpainting and super-resolution on held-out shapes images.
 
   python benchmarks/applications.py inpaint --workdir=/tmp/qs [--num=60]
-  python benchmarks/applications.py sr --workdir=/tmp/superres [--num=200]
+  python benchmarks/applications.py sr --workdir=/tmp/superres [--num=200] [--steps 1 5 25]
 
 inpaint: on validation images, masks the shape's bounding box (plus a margin), prompts the
 caption with another colour, inpaints (the workdir's sampler settings) with and without
@@ -25,6 +25,7 @@ import numpy as np
 from ldm_jax import config as config_lib
 from ldm_jax import diffusion
 from ldm_jax.data import degradation, shapes, shapes_analyzer
+from ldm_jax.generate import pixels_to_uint8
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.train.diffusion import load_generator, sampling_options
 
@@ -107,7 +108,7 @@ def inpaint(workdir: str, num: int, seed: int) -> dict:
     return result
 
 
-def super_resolution(workdir: str, num: int, seed: int) -> dict:
+def super_resolution(workdir: str, num: int, seed: int, steps: list[int]) -> dict:
     generator, config = load_generator(workdir, mesh_lib.create_mesh(data=-1, fsdp=1, tensor=1))
     factor = config.diffusion.super_resolution_factor
     source = shapes.ShapesSource("validation", image_size=config.data.image_size)
@@ -116,15 +117,38 @@ def super_resolution(workdir: str, num: int, seed: int) -> dict:
     size = config.data.image_size
     bicubic = np.stack([degradation.bicubic_resize(image, size, size) for image in low_res])
     options = dataclasses.replace(sampling_options(config), mode="sr")
-    upsampled = generator(generator.conditions([""] * num), seed, options, {"low_res": low_res})
+    conditions = generator.conditions([""] * num)
+    model = generator.model
+    latents = model.encode(generator.params, originals / 127.5 - 1.0)
+    reconstruction = np.asarray(
+        pixels_to_uint8(
+            model.autoencoder.apply(
+                {"params": generator.params["autoencoder"]},
+                latents / model.latent_scale,
+                method="decode",
+            )
+        )
+    )
+    by_steps = {}
+    for num_steps in steps or [options.num_steps]:
+        upsampled = generator(
+            conditions,
+            seed,
+            dataclasses.replace(options, num_steps=num_steps),
+            {"low_res": low_res},
+        )
+        by_steps[str(num_steps)] = float(
+            np.mean([_psnr(a, b) for a, b in zip(upsampled, originals, strict=True)])
+        )
     return {
         "num_images": num,
         "factor": factor,
-        "psnr_model_db": float(
-            np.mean([_psnr(a, b) for a, b in zip(upsampled, originals, strict=True)])
-        ),
+        "psnr_model_db_by_steps": by_steps,
         "psnr_bicubic_db": float(
             np.mean([_psnr(a, b) for a, b in zip(bicubic, originals, strict=True)])
+        ),
+        "psnr_autoencoder_reconstruction_db": float(
+            np.mean([_psnr(a, b) for a, b in zip(reconstruction, originals, strict=True)])
         ),
         "sampling": dataclasses.asdict(options),
     }
@@ -136,9 +160,15 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--num", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--steps", type=int, nargs="*", default=[], help="sr: sampling steps to compare"
+    )
     args = parser.parse_args()
-    measure = inpaint if args.what == "inpaint" else super_resolution
-    print(json.dumps(measure(args.workdir, args.num, args.seed), indent=2))
+    if args.what == "inpaint":
+        result = inpaint(args.workdir, args.num, args.seed)
+    else:
+        result = super_resolution(args.workdir, args.num, args.seed, args.steps)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

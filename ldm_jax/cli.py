@@ -32,6 +32,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from ldm_jax import compilation_cache
 from ldm_jax.diffusion import SAMPLERS
 from ldm_jax.interop.formats import EXPORT_FORMATS, IMPORT_FORMATS
 from ldm_jax.parallel.distributed import DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
@@ -45,6 +46,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory of the run (checkpoints, metrics, samples)."
+)
+_CACHE_DIR = flags.DEFINE_string(  # the default: see ldm_jax/compilation_cache.py
+    "compilation_cache_dir", None, "XLA compilation cache shared by runs; 'none' turns it off."
 )
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Text prompt (repeatable) for `sample`.")
 _LABEL = flags.DEFINE_multi_integer("label", None, "Class label (repeatable) for `sample`.")
@@ -182,15 +186,10 @@ _MESH_COMMANDS = ("train", "sample", "evaluate", "cache-latents")
 
 
 def _require_workdir() -> str:
-    """The --workdir; its ``xla_cache/`` becomes the persistent compilation cache unless one
-    is set already (JAX_COMPILATION_CACHE_DIR), so a restart or a later `sample` skips
-    recompiling."""
+    """The --workdir; sets up the persistent compilation cache (a new run skips compiling)."""
     if not _WORKDIR.value:
         raise ValueError("--workdir is required")
-    import jax
-
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "xla_cache"))
+    compilation_cache.configure(_CACHE_DIR.value, _WORKDIR.value)
     return _WORKDIR.value
 
 

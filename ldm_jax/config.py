@@ -80,6 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
             random_crop=False,
             random_flip=False,
             worker_count=0,
+            # Batches read and put on the devices ahead of the step that takes them (0: read
+            # each when the step asks for it); the checkpointed data position stays exact.
+            # Off by default: on CPU the host already runs steps ahead (asynchronous
+            # dispatch) and no consistent gain was measured (benchmarks/checkpoint_overhead.py).
+            device_prefetch=0,
             max_caption_length=12,
             num_classes=0,  # class-conditional runs on real data set this; shapes knows its own
             # A directory written by `ldm-jax cache-latents`: stage 2 reads its latents

@@ -116,6 +116,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     boolean(config, "data.random_crop")
     boolean(config, "data.random_flip")
     integer(config, "data.worker_count", 0, 1024)
+    integer(config, "data.device_prefetch", 0, 16)
     integer(config, "data.max_caption_length", 1, 4096)
     integer(config, "data.num_classes", 0)
     if config.data.source == "tfds" and not config.data.tfds_name:

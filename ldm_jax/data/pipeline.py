@@ -5,12 +5,16 @@ Every process walks the same shuffled sequence of records and batches its own
 so the global batches do not depend on the process count; ``global_batch`` then joins the
 per-process batches into one ``jax.Array`` laid out by the caller's sharding. The loader's
 iterator state (``get_state``/``set_state``, or ``grain.checkpoint`` in an orbax checkpoint)
-resumes at exactly the next batch.
+resumes at exactly the next batch. ``DevicePrefetch`` puts batches on the devices ahead of the
+step that takes them and keeps that guarantee: its state is the position after the last batch
+taken, not after the last one read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grain
 import jax
@@ -114,3 +118,59 @@ def global_batch(
         key: jax.make_array_from_process_local_data(sharding, value)
         for key, value in local_batch.items()
     }
+
+
+class DevicePrefetch:
+    """Batches read and placed on the devices ``depth`` batches ahead of the one taken.
+
+    The step that takes a batch is dispatched asynchronously, so while it runs the next
+    batches are read, transformed and transferred, and the step after it does not wait for
+    its input. A checkpointable stand-in for the iterator it reads: ``get_state`` is the
+    position after the last batch handed out (the position the grain iterator had then),
+    ``set_state`` drops the batches read ahead. Nothing is read before the first ``next``, so
+    a state restored between construction and the first batch is the one read from.
+
+    Args:
+        iterator: A grain ``DataLoader`` iterator (``get_state``, ``set_state``,
+            ``start_prefetch``) of this process's batches.
+        place: Turns one of its batches into arrays on the devices (``global_batch``).
+        depth: Batches held on the devices beyond the one handed out; 0 reads each batch
+            when it is asked for.
+    """
+
+    def __init__(self, iterator: Any, place: Callable[[Any], dict], depth: int):
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
+        self._iterator, self._place, self._depth = iterator, place, depth
+        self._ahead: collections.deque[tuple[dict, bytes | None]] = collections.deque()
+        self._taken_state: bytes | None = None  # the iterator's position after the last batch
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        while len(self._ahead) <= self._depth:
+            try:
+                batch = self._place(next(self._iterator))
+            except StopIteration:
+                break
+            # Recorded only when read ahead: with depth 0 the iterator's own state is current.
+            self._ahead.append((batch, self._iterator.get_state() if self._depth else None))
+        if not self._ahead:
+            raise StopIteration
+        batch, self._taken_state = self._ahead.popleft()
+        return batch
+
+    def get_state(self) -> bytes:
+        """The position after the last batch handed out (where a resumed run starts)."""
+        if self._ahead:
+            return self._taken_state
+        return self._iterator.get_state()
+
+    def set_state(self, state: bytes) -> None:
+        self._ahead.clear()
+        self._taken_state = None
+        self._iterator.set_state(state)
+
+    def start_prefetch(self) -> None:
+        self._iterator.start_prefetch()

@@ -22,7 +22,7 @@ TOKENIZER_FILE = "tokenizer.json"
 # from storage and decoded outside the GIL; shapes are drawn in Python and cached latents
 # are a few kilobytes on a local disk, so for those a hand-off between threads costs more
 # than the read.
-_READ_THREADS = {"shapes": 0, "image_folder": 16, "tfds": 16}
+READ_THREADS = {"shapes": 0, "image_folder": 16, "tfds": 16}
 
 
 def make_source(data: ml_collections.ConfigDict, split: str, seed: int) -> Any:
@@ -69,14 +69,20 @@ def make_batches(
     keys: tuple[str, ...] = ("image",),
     images: bool = True,
     record_operations: Sequence[grain.transforms.Map | grain.transforms.RandomMap] = (),
+    read_threads: int | None = None,
 ) -> tuple[Any, Iterator[dict]]:
-    """A checkpointable grain iterator and a generator of global batches sharded on ``mesh``.
+    """The checkpointable data position and the iterator of global batches sharded on ``mesh``.
+
+    Both are one ``DevicePrefetch``: ``config.data.device_prefetch`` batches are on the devices
+    ahead of the step, and the position saved with a checkpoint is after the last batch the
+    loop took, so a resumed run sees exactly the batches an uninterrupted one would have.
 
     Images stay uint8 until they are on the device (4x less to transfer); the train steps
     scale them to [-1, 1]. With ``images=False`` (a source of encoded latents, read without
     threads) the image transforms are left out. ``record_operations`` follow them (the
     conditioning images of inpainting or super-resolution). Captions are tokenized and keys
-    selected once per batch.
+    selected once per batch. ``read_threads`` overrides the source's number of threads
+    reading records ahead (see ``pipeline.make_loader``).
     """
     operations: list = []
     if images and data.source != "shapes":
@@ -88,6 +94,7 @@ def make_batches(
     if tokenizer_json is not None:
         batch_operations.append(transforms.Tokenize(tokenizer_json, data.max_caption_length))
     batch_operations.append(transforms.SelectKeys(keys))
+    default_threads = READ_THREADS[data.source] if images else 0
     loader = pipeline.make_loader(
         source,
         operations,
@@ -97,14 +104,12 @@ def make_batches(
         shuffle=True,
         num_epochs=None,
         worker_count=data.worker_count,
-        read_threads=_READ_THREADS[data.source] if images else 0,
+        read_threads=default_threads if read_threads is None else read_threads,
     )
-    iterator = iter(loader)
     batch_sharding = sharding.batch_sharding(mesh)
 
-    def global_batches() -> Iterator[dict]:
-        while True:
-            local = next(iterator)
-            yield pipeline.global_batch({k: np.asarray(local[k]) for k in keys}, batch_sharding)
+    def place(local: dict) -> dict:
+        return pipeline.global_batch({k: np.asarray(local[k]) for k in keys}, batch_sharding)
 
-    return iterator, global_batches()
+    batches = pipeline.DevicePrefetch(iter(loader), place, data.device_prefetch)
+    return batches, batches

@@ -1,6 +1,7 @@
 """Stage batches from the config: keys, tokens of the right records, exact resume."""
 
 import numpy as np
+import pytest
 
 from ldm_jax import config as config_lib
 from ldm_jax.data import shapes
@@ -27,9 +28,10 @@ def _encoded_source() -> tuple[InMemorySource, list[str]]:
     return InMemorySource(arrays, captions), captions
 
 
-def _batches(source, tokenizer_json):
+def _batches(source, tokenizer_json, device_prefetch=1):
     data = config_lib.base_config().data
     data.source = "shapes"
+    data.device_prefetch = device_prefetch
     return data_lib.make_batches(
         data,
         source,
@@ -59,16 +61,29 @@ def test_batches_hold_the_asked_keys_and_each_record_its_own_caption_tokens():
     assert sorted(seen) == list(range(_NUM_RECORDS))
 
 
-def test_a_restored_iterator_gives_the_batches_that_followed():
+@pytest.mark.parametrize("saved_prefetch, resumed_prefetch", [(0, 0), (1, 0), (2, 1)])
+def test_a_restored_iterator_gives_the_batches_that_followed(saved_prefetch, resumed_prefetch):
     source, captions = _encoded_source()
     tokenizer_json = build_word_tokenizer(captions).to_str()
-    iterator, batches = _batches(source, tokenizer_json)
+    iterator, batches = _batches(source, tokenizer_json, saved_prefetch)
     next(batches), next(batches)
+    # The position after the batches taken, not after those read ahead onto the devices.
     state = iterator.get_state()
     expected = [next(batches) for _ in range(3)]  # across the epoch boundary
-    resumed_iterator, resumed = _batches(source, tokenizer_json)
+    resumed_iterator, resumed = _batches(source, tokenizer_json, resumed_prefetch)
     resumed_iterator.set_state(state)
     for want in expected:
         got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+
+
+def test_prefetched_batches_are_the_batches_read_without_prefetch():
+    source, captions = _encoded_source()
+    tokenizer_json = build_word_tokenizer(captions).to_str()
+    _, plain = _batches(source, tokenizer_json, device_prefetch=0)
+    _, ahead = _batches(source, tokenizer_json, device_prefetch=2)
+    for _ in range(4):
+        want, got = next(plain), next(ahead)
         for key in want:
             np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))

@@ -25,8 +25,11 @@ def dot_product_attention(
 ) -> jax.Array:
     """`softmax(q k^T / sqrt(head_dim)) v`, the one place every model attends.
 
-    Goes through `jax.nn.dot_product_attention`, which computes the logits and softmax in
-    float32 and can dispatch to fused TPU/GPU kernels.
+    The logits and softmax are in float32 whatever the inputs' dtype. On GPU and TPU, and
+    for the causal mask of a language model, this is `jax.nn.dot_product_attention`, which
+    dispatches to the fused kernels present there. On XLA's CPU backend, without a mask, it
+    is `attention_by_heads` on heads-first tensors, measured faster forwards and backwards
+    (benchmarks/train_step.py).
 
     Args:
       query: `(B, T, heads, head_dim)`.
@@ -37,7 +40,60 @@ def dot_product_attention(
     Returns:
       `(B, T, heads, head_dim)`.
     """
-    return jax.nn.dot_product_attention(query, key, value, is_causal=is_causal)
+    if is_causal or jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(query, key, value, is_causal=is_causal)
+    scaled_query = query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
+    heads_first = [jnp.swapaxes(x, 1, 2) for x in (scaled_query, key, value)]
+    return jnp.swapaxes(attention_by_heads(*heads_first), 1, 2)
+
+
+@jax.custom_vjp
+def attention_by_heads(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """`softmax(q k^T) v` of `(B, heads, T, d)` queries and `(B, heads, S, d)` keys and values.
+
+    The query comes scaled. Every matrix product contracts the last axis of its left operand
+    and one of the two last axes of its right one: the layouts in which XLA's CPU backend
+    fuses the products with the softmax between them into one library call. Undifferentiated
+    (sampling), the softmax is normalised after the product with the values, on `(T, d)`
+    rather than `(T, S)`, which lets that fusion stream over rows of the logits. The
+    gradient is the softmax's closed form from the saved probabilities (as the backward pass
+    of flash attention: `ds = p * (dp - rowsum(do * o))`).
+    """
+    logits = _logits(query, key)
+    unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    out = jnp.einsum(
+        "bnts,bnsd->bntd",
+        unnormalized.astype(value.dtype),
+        value,
+        preferred_element_type=jnp.float32,
+    )
+    return (out / jnp.sum(unnormalized, axis=-1, keepdims=True)).astype(value.dtype)
+
+
+def _logits(query: jax.Array, key: jax.Array) -> jax.Array:
+    return jnp.einsum("bntd,bnsd->bnts", query, key, preferred_element_type=jnp.float32)
+
+
+def _attention_forward(query, key, value):
+    probabilities = jax.nn.softmax(_logits(query, key), axis=-1)
+    out = jnp.einsum("bnts,bnsd->bntd", probabilities.astype(value.dtype), value)
+    return out, (query, key, value, out, probabilities)
+
+
+def _attention_backward(residuals, d_out):
+    query, key, value, out, probabilities = residuals
+    d_value = jnp.swapaxes(jnp.swapaxes(d_out, -1, -2) @ probabilities.astype(d_out.dtype), -1, -2)
+    d_probabilities = jnp.einsum(
+        "bntd,bnsd->bnts", d_out, value, preferred_element_type=jnp.float32
+    )
+    row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_logits = (probabilities * (d_probabilities - row_dot)).astype(query.dtype)
+    d_query = d_logits @ key
+    d_key = jnp.swapaxes(jnp.swapaxes(query, -1, -2) @ d_logits, -1, -2)
+    return d_query.astype(query.dtype), d_key.astype(key.dtype), d_value.astype(value.dtype)
+
+
+attention_by_heads.defvjp(_attention_forward, _attention_backward)
 
 
 class Attention(nn.Module):

@@ -79,15 +79,29 @@ def conv(
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     name: str | None = None,
-) -> nn.Conv:
+) -> nn.Module:
     """A square convolution, by default padded by `kernel_size // 2` on every side.
 
     The padding is explicit (never "SAME") because a strided "SAME" convolution pads
     asymmetrically, unlike PyTorch's `padding=1`. The kernel initialiser defaults to LeCun
-    normal.
+    normal. An unpadded 1x1 convolution of stride 1 is a `PointwiseConv`.
     """
     if padding is None:
         padding = ((kernel_size // 2, kernel_size // 2),) * 2
+    kernel_init = nn.with_logical_partitioning(
+        kernel_init or nn.initializers.lecun_normal(), CONV_KERNEL_AXES
+    )
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), CONV_KERNEL_AXES[-1:])
+    if kernel_size == 1 and strides == 1 and all(side == (0, 0) for side in padding):
+        return PointwiseConv(
+            features,
+            use_bias=use_bias,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name=name,
+        )
     return nn.Conv(
         features,
         (kernel_size, kernel_size),
@@ -96,12 +110,41 @@ def conv(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(
-            kernel_init or nn.initializers.lecun_normal(), CONV_KERNEL_AXES
-        ),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), CONV_KERNEL_AXES[-1:]),
+        kernel_init=kernel_init,
+        bias_init=bias_init,
         name=name,
     )
+
+
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution computed as a matrix product over the channel axis.
+
+    Its parameters are those of `nn.Conv` with a 1x1 kernel, initialised alike: `kernel`
+    `(1, 1, in, features)` and `bias` `(features,)`. XLA's CPU backend runs the product, and
+    above all its gradient, several times faster than the same convolution.
+    """
+
+    features: int
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        kernel = self.param(
+            "kernel", self.kernel_init, (1, 1, channels, self.features), self.param_dtype
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = x.reshape(-1, channels) @ kernel.reshape(channels, self.features)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], self.features)
 
 
 def group_norm(
@@ -111,9 +154,9 @@ def group_norm(
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     name: str | None = None,
-) -> nn.GroupNorm:
+) -> "GroupNorm":
     """GroupNorm over the last (channel) axis, statistics over all non-batch axes."""
-    return nn.GroupNorm(
+    return GroupNorm(
         num_groups=num_groups,
         epsilon=epsilon,
         dtype=dtype,
@@ -122,6 +165,49 @@ def group_norm(
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), NORM_AXES),
         name=name,
     )
+
+
+class GroupNorm(nn.Module):
+    """`nn.GroupNorm`'s function and parameters (`scale`, `bias`), computed channels first.
+
+    The statistics are the per-channel means of `x` and `x²` over the positions, then the
+    means of those over each group's channels (in float32); the normalisation is one
+    per-channel scale and shift. Reducing over positions alone, with channels contiguous,
+    is several times faster on XLA's CPU backend than reducing over positions and the
+    channels of a group at once, forwards and backwards.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    scale_init: nn.initializers.Initializer = nn.initializers.ones_init()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalises `(B, ..., C)`, C divisible by `num_groups`; returns the same shape."""
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(
+                f"num_groups={self.num_groups} must divide the number of channels {channels}."
+            )
+        scale = self.param("scale", self.scale_init, (channels,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (channels,), self.param_dtype)
+        positions = x.reshape(x.shape[0], -1, channels).astype(jnp.float32)
+        grouped = (x.shape[0], self.num_groups, channels // self.num_groups)
+
+        def group_mean(values: jax.Array) -> jax.Array:
+            per_channel = jnp.mean(values, axis=1).reshape(grouped)
+            return jnp.repeat(jnp.mean(per_channel, axis=-1), grouped[-1], axis=-1)
+
+        mean = group_mean(positions)
+        variance = jnp.maximum(group_mean(jnp.square(positions)) - jnp.square(mean), 0.0)
+        channel_scale = jax.lax.rsqrt(variance + self.epsilon) * scale.astype(jnp.float32)
+        channel_shift = bias.astype(jnp.float32) - mean * channel_scale
+        y = positions * channel_scale[:, None, :] + channel_shift[:, None, :]
+        dtype = self.dtype or jnp.result_type(x, scale, bias)
+        return y.reshape(x.shape).astype(dtype)
 
 
 def layer_norm(

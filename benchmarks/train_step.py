@@ -1,10 +1,19 @@
-"""Throughput of both training stages at a config's sizes, side by side in one run.
+"""Images/s of one U-Net training step, ours against diffusers' PyTorch, in one run.
 
-  python benchmarks/train_step.py [--config=configs/quickstart.py] [--steps=10]
+  python benchmarks/train_step.py [--steps=10] [--batch=32] [--rounds=3] [--torch_compile]
 
-Prints a table (GFLOP per step from XLA's cost analysis, seconds per step, images/s,
-achieved GFLOP/s and its ratio to this machine's measured float32 matmul peak) and one JSON
-line. Timing excludes compilation; it is a measurement, never a test.
+The step: noise float32 latents (B, 16, 16, 4) at uniform random timesteps, predict the
+noise with the benchmark U-Net (`common.BENCHMARK_UNET`, 8.75M params) attending to a fixed
+random text context (B, 77, 128), take the mean squared error and one AdamW update. Ours is
+`ldm_jax.models.UNet` with the PyTorch module's weights (asserted to compute the same
+function before anything is timed), jitted once with its state donated; theirs is diffusers'
+`UNet2DConditionModel` in eager PyTorch (and, with --torch_compile, through `torch.compile`).
+
+The timed steps alternate between the frameworks in rounds, so a change in the machine's load
+weighs on all alike; a rate is that of the median round. GFLOP per step is XLA's cost analysis
+of our step (the same function for every row); "of peak" is the achieved rate over this
+machine's measured float32 matmul rate. Timing excludes compilation; it is a measurement,
+never a test. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -15,132 +24,155 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import optax
+import torch
 from absl import app, flags
-from ml_collections import config_flags
+from common import (
+    benchmark_inputs,
+    benchmark_unets,
+    check_same_function,
+    compile_step,
+    matmul_peak_gflops,
+    median_rate,
+    run_steps,
+)
+from diffusers import DDPMScheduler
 
-from ldm_jax.data import shapes, tokenizer
-from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.parallel import sharding
-from ldm_jax.train import autoencoder, diffusion
-from ldm_jax.train.state import make_optimizer
+from ldm_jax import diffusion
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per stage (after 2 warm-up steps).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per framework and round.")
+_BATCH = flags.DEFINE_integer("batch", 32, "Latents per step.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds the timed steps alternate in.")
+_TORCH_COMPILE = flags.DEFINE_bool(
+    "torch_compile", False, "Also time the PyTorch step through torch.compile (slow to compile)."
+)
+_WARMUP_STEPS = 2
+LEARNING_RATE, WEIGHT_DECAY = 1e-4, 1e-2
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """Best observed float32 matmul rate of this machine, in GFLOP/s."""
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
+def train_step(state, batch, key, *, unet, optimizer, schedule):
+    """One ε-prediction MSE step of the U-Net and an AdamW update; noise drawn from ``key``."""
+    latents = batch["latents"]
+    time_key, noise_key = jax.random.split(jax.random.fold_in(key, state["step"]))
+    t = jax.random.randint(time_key, latents.shape[:1], 0, schedule.num_timesteps)
+    noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
+    z_t = diffusion.q_sample(schedule, latents, t, noise)
+
+    def loss_fn(params):
+        prediction = unet.apply({"params": params}, z_t, t, batch["context"])
+        return diffusion.diffusion_loss(schedule, "epsilon", prediction, latents, noise, t)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, loss
+
+
+def jax_step(unet, params, inputs: dict) -> tuple:
+    """(our step function, its AdamW state from ``params``, its other arguments) on
+    ``inputs``' latents and context: what is timed, compiled with the state donated."""
+    schedule = diffusion.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
+    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    step0 = jnp.zeros((), jnp.int32)
+    state = {"step": step0, "params": params, "opt_state": optimizer.init(params)}
+    batch = {"latents": jnp.asarray(inputs["latents"]), "context": jnp.asarray(inputs["context"])}
+    step = functools.partial(train_step, unet=unet, optimizer=optimizer, schedule=schedule)
+    return step, state, (batch, jax.random.key(1))
+
+
+def torch_train_step(model, optimizer, scheduler, latents, context):
+    """The same step in PyTorch (NCHW latents), as a diffusers training script takes it."""
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+    noise = torch.randn_like(latents)
+    prediction = model(
+        scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=context
+    ).sample
+    loss = torch.nn.functional.mse_loss(prediction, noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def _torch_runner(step, steps: int):
+    def run() -> float:
         start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+        for _ in range(steps):
+            loss = step()
+        loss.item()
+        return time.perf_counter() - start
 
-
-def time_step(step_fn, state, args, steps: int) -> tuple[float, float]:
-    """(GFLOP per step, seconds per step) of a jitted ``step_fn(state, *args)``."""
-    compiled = jax.jit(step_fn, donate_argnums=0).lower(state, *args).compile()
-    flops = compiled.cost_analysis().get("flops", 0.0)
-    for _ in range(2):
-        state, metrics = compiled(state, *args)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = compiled(state, *args)
-    jax.block_until_ready(metrics)
-    return flops / 1e9, (time.perf_counter() - start) / steps
+    return run
 
 
 def main(_):
-    config = _CONFIG.value
-    mesh = mesh_lib.create_mesh(data=-1)
-    rules = mesh_lib.DEFAULT_AXIS_RULES
-    size = config.data.image_size
-    images = np.stack([shapes.ShapesSource("train", image_size=size)[i]["image"] for i in range(8)])
+    batch_size = _BATCH.value
+    reference, unet, params = benchmark_unets()
+    inputs = benchmark_inputs(batch_size)
+    diff = check_same_function(reference, unet, params, inputs)
 
-    def batch_of(n):
-        return jax.device_put(np.resize(images, (n, size, size, 3)), sharding.batch_sharding(mesh))
+    step, state, args = jax_step(unet, params, inputs)
+    compiled, gflop = compile_step(step, state, args)
+    state, _ = run_steps(compiled, state, args, _WARMUP_STEPS)
 
-    rows = {}
-    ae_init, ae_step = autoencoder.stage_functions(config)
-    with jax.set_mesh(mesh):
-        ae_state, _ = sharding.create_sharded(ae_init, mesh, rules, jax.random.key(0))
-        ae_batch = config.autoencoder.train.batch_size
-        ae_params = jax.tree.map(jnp.copy, ae_state.params["autoencoder"])
-        rows["autoencoder"] = (
-            ae_batch,
-            *time_step(
-                ae_step,
-                ae_state,
-                ({"image": batch_of(ae_batch)}, jax.random.key(1), {}),
-                _STEPS.value,
-            ),
-        )
+    def run_ours() -> float:
+        nonlocal state
+        state, seconds = run_steps(compiled, state, args, _STEPS.value)
+        return seconds
 
-        tok = tokenizer.build_word_tokenizer(shapes.caption_vocabulary())
-        model = diffusion.build_model(config, tok, latent_scale=1.0)
-        optimizer = make_optimizer(config.diffusion.train)
-        init = functools.partial(
-            diffusion.init_state,
-            model=model,
-            optimizer=optimizer,
-            max_caption_length=config.data.max_caption_length,
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    latents = torch.from_numpy(inputs["latents"]).permute(0, 3, 1, 2).contiguous()
+    context = torch.from_numpy(inputs["context"])
+    runners = {"ldm_jax (jit)": run_ours}
+    models = {"pytorch eager": reference.train()}
+    if _TORCH_COMPILE.value:
+        models["pytorch compile"] = torch.compile(reference)
+    for name, model in models.items():
+        torch_optimizer = torch.optim.AdamW(
+            reference.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY
         )
-        state, _ = sharding.create_sharded(init, mesh, rules, jax.random.key(0))
-        dm_batch = config.diffusion.train.batch_size
-        tokens = jax.device_put(
-            np.full((dm_batch, config.data.max_caption_length), 4, np.int32),
-            sharding.batch_sharding(mesh),
+        torch_step = functools.partial(
+            torch_train_step, model, torch_optimizer, scheduler, latents, context
         )
-        step = functools.partial(
-            diffusion.train_step,
-            model=model,
-            optimizer=optimizer,
-            ema_decay=0.999,
-            cond_drop_prob=0.1,
-            min_snr_gamma=None,
-        )
-        rows["diffusion"] = (
-            dm_batch,
-            *time_step(
-                step,
-                state,
-                (
-                    {"image": batch_of(dm_batch), "tokens": tokens},
-                    jax.random.key(1),
-                    {"autoencoder": ae_params},
-                ),
-                _STEPS.value,
-            ),
-        )
+        start = time.perf_counter()
+        try:
+            _torch_runner(torch_step, _WARMUP_STEPS)()
+        except Exception as error:  # torch.compile needs a working C++ toolchain
+            print(f"{name}: skipped ({type(error).__name__}: {str(error)[:200]})")
+            continue
+        print(f"{name}: warm-up (compilation) took {time.perf_counter() - start:.1f} s")
+        runners[name] = _torch_runner(torch_step, _STEPS.value)
+
+    seconds = {name: [] for name in runners}
+    for _ in range(_ROUNDS.value):
+        for name, run in runners.items():
+            seconds[name].append(run())
 
     peak = matmul_peak_gflops()
     print(
-        f"devices: {jax.device_count()} x {jax.devices()[0].platform}; "
-        f"float32 matmul peak {peak:.0f} GFLOP/s"
+        f"devices: {jax.device_count()} x {jax.devices()[0].platform}; torch threads "
+        f"{torch.get_num_threads()}; float32 matmul peak {peak:.0f} GFLOP/s; batch {batch_size}; "
+        f"forward outputs agree within {diff:.1e}"
     )
     print(
-        f"{'stage':<12} {'batch':>5} {'GFLOP/step':>10} {'s/step':>7} {'images/s':>9} "
-        f"{'GFLOP/s':>8} {'of peak':>7}"
+        f"{'framework':<16} {'images/s':>9} {'vs eager':>8} {'GFLOP/step':>10} {'GFLOP/s':>8} "
+        f"{'of peak':>7}"
     )
-    record = {"matmul_peak_gflops": round(peak, 1)}
-    for stage, (batch, gflop, seconds) in rows.items():
-        rate = gflop / seconds
+    eager = median_rate(seconds["pytorch eager"], batch_size * _STEPS.value)
+    record = {"batch": batch_size, "gflop_per_step": round(gflop, 2), "matmul_peak": round(peak)}
+    for name, times in seconds.items():
+        images_per_second = median_rate(times, batch_size * _STEPS.value)
+        achieved = gflop * images_per_second / batch_size
         print(
-            f"{stage:<12} {batch:>5} {gflop:>10.2f} {seconds:>7.3f} {batch / seconds:>9.1f} "
-            f"{rate:>8.1f} {rate / peak:>7.1%}"
+            f"{name:<16} {images_per_second:>9.1f} {images_per_second / eager:>8.2f} "
+            f"{gflop:>10.1f} {achieved:>8.1f} {achieved / peak:>7.1%}"
         )
-        record[stage] = {
-            "batch": batch,
-            "gflop_per_step": round(gflop, 3),
-            "seconds_per_step": round(seconds, 4),
-            "images_per_second": round(batch / seconds, 2),
-            "fraction_of_peak": round(rate / peak, 4),
+        record[name] = {
+            "images_per_second": round(images_per_second, 2),
+            "ratio_to_eager": round(images_per_second / eager, 3),
+            "fraction_of_peak": round(achieved / peak, 4),
         }
     print(json.dumps(record))
 

@@ -49,6 +49,9 @@ def _optimizer(steps: int, batch_size: int, learning_rate: float) -> ml_collecti
             # Microbatches per step: gradients of batch_size / grad_accum_steps examples are
             # summed in one jitted step (a lax.scan), so activations scale with the microbatch.
             grad_accum_steps=1,
+            # The microbatches as independent branches of the step instead of a scan: no
+            # memory saved, but XLA's CPU runtime runs them at once, which speeds a CPU step.
+            parallel_microbatches=False,
         )
     )
 

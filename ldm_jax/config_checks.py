@@ -140,6 +140,7 @@ def _check_optimizer(config: ml_collections.ConfigDict, stage: str, shards: int)
     positive(config, f"{key}.grad_clip")
     number(config, f"{key}.ema_decay", 0.0, 1.0, high_open=True)
     accumulation = integer(config, f"{key}.grad_accum_steps", 1)
+    boolean(config, f"{key}.parallel_microbatches")
     if stage == "autoencoder" and accumulation != 1:
         raise ConfigError(
             "config.autoencoder.train.grad_accum_steps must be 1: stage 1 does not "

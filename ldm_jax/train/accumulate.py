@@ -3,6 +3,12 @@
 Microbatch ``i`` of ``k`` holds the examples ``i, i + k, i + 2k, ...`` of the batch, so when the
 batch is split over the devices (each holding a contiguous block whose size ``k`` divides),
 every device keeps its own examples in every microbatch: splitting moves no data.
+
+The microbatches run one after another in a ``lax.scan`` (one microbatch's activations alive at
+a time: the memory lever), or with ``parallel=True`` as independent computations in one graph
+(every microbatch's activations alive at once) that XLA may run at the same time: on a CPU,
+whose runtime gives independent operations to different threads, that is the faster step
+(``benchmarks/train_step.py --splits=2`` measures the same split).
 """
 
 from __future__ import annotations
@@ -31,7 +37,12 @@ def microbatches(inputs: Any, num_microbatches: int) -> Any:
 
 
 def accumulated_gradients(
-    loss_fn: LossFn, params: Any, inputs: Any, key: jax.Array, num_microbatches: int
+    loss_fn: LossFn,
+    params: Any,
+    inputs: Any,
+    key: jax.Array,
+    num_microbatches: int,
+    parallel: bool = False,
 ) -> tuple[Any, dict[str, jax.Array]]:
     """The gradient of ``loss_fn`` and its metrics, averaged over ``num_microbatches``.
 
@@ -39,7 +50,9 @@ def accumulated_gradients(
     leading batch dimension) for the average of equal-sized microbatches to be the full
     batch's gradient. Whatever randomness belongs to an example must come inside ``inputs``;
     ``key`` (folded with the microbatch index when there are several) is for the rest.
-    Only one microbatch's activations are alive at a time: ``lax.scan`` runs them in turn.
+    Only one microbatch's activations are alive at a time: ``lax.scan`` runs them in turn;
+    with ``parallel`` they are independent branches of the graph instead (see the module
+    docstring), which computes the same gradient.
 
     Returns:
       (grads, metrics): grads shaped like ``params``; the metrics averaged.
@@ -53,8 +66,17 @@ def accumulated_gradients(
         grads, metrics = grad_fn(params, microbatch, jax.random.fold_in(key, index))
         return jax.tree.map(jnp.add, summed, grads), metrics
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    indices = jnp.arange(num_microbatches)
-    summed, metrics = jax.lax.scan(step, zeros, (indices, microbatches(inputs, num_microbatches)))
+    split = microbatches(inputs, num_microbatches)
+    if parallel:
+        results = [
+            grad_fn(params, jax.tree.map(lambda x, i=i: x[i], split), jax.random.fold_in(key, i))
+            for i in range(num_microbatches)
+        ]
+        summed = jax.tree.map(lambda *g: sum(g), *(grads for grads, _ in results))
+        metrics = jax.tree.map(lambda *m: jnp.stack(m), *(metrics for _, metrics in results))
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        indices = jnp.arange(num_microbatches)
+        summed, metrics = jax.lax.scan(step, zeros, (indices, split))
     grads = jax.tree.map(lambda g: g / num_microbatches, summed)
     return grads, jax.tree.map(jnp.mean, metrics)

@@ -346,6 +346,7 @@ def _diffusion_step(config: ml_collections.ConfigDict, mesh, rules):
         cond_drop_prob=dm.cond_drop_prob,
         min_snr_gamma=dm.min_snr_gamma or None,
         grad_accum_steps=dm.train.grad_accum_steps,
+        parallel_microbatches=dm.train.parallel_microbatches,
     )
     size, latent = config.data.image_size, config_lib.latent_shape(config)
     specs = {

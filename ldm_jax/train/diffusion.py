@@ -191,9 +191,12 @@ def train_step(
     cond_drop_prob: float,
     min_snr_gamma: float | None,
     grad_accum_steps: int = 1,
+    parallel_microbatches: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on ``batch``, its gradient accumulated over ``grad_accum_steps`` microbatches
-    (encoding included, so only a microbatch's activations are alive at a time)."""
+    (encoding included, so only a microbatch's activations are alive at a time), or summed
+    over that many independent slices of the batch with ``parallel_microbatches`` (see
+    ``accumulate.accumulated_gradients``)."""
     batch_size = jax.tree.leaves(batch)[0].shape[0]
     draws, dropout_key = example_draws(
         jax.random.fold_in(root_key, state.step),
@@ -227,7 +230,7 @@ def train_step(
         )
 
     grads, metrics = accumulate.accumulated_gradients(
-        loss_fn, state.params, (batch, draws), dropout_key, grad_accum_steps
+        loss_fn, state.params, (batch, draws), dropout_key, grad_accum_steps, parallel_microbatches
     )
     metrics["grad_norm"] = optax.tree.norm(grads)
     return apply_gradients(state, grads, optimizer, ema_decay), metrics
@@ -355,6 +358,7 @@ def train(
             cond_drop_prob=config.diffusion.cond_drop_prob,
             min_snr_gamma=config.diffusion.min_snr_gamma or None,
             grad_accum_steps=train_config.grad_accum_steps,
+            parallel_microbatches=train_config.parallel_microbatches,
         ),
         shardings,
         mesh,

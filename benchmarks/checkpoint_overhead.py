@@ -31,6 +31,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from ldm_jax import config as config_lib
+from ldm_jax import host_memory
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data import shapes, tokenizer
 from ldm_jax.data.in_memory import InMemorySource
@@ -41,6 +42,8 @@ from ldm_jax.train import data as data_lib
 from ldm_jax.train import diffusion
 from ldm_jax.train.loop import jit_train_step, run_steps
 from ldm_jax.train.metrics import MetricsWriter
+
+host_memory.use_huge_pages()  # as `ldm-jax train` runs (ldm_jax/host_memory.py)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", lock_config=False)
 _STEPS = flags.DEFINE_integer("steps", 100, "Measured steps per run (after the first log).")

@@ -14,6 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import host_memory
+
+# Every benchmark runs, as `ldm-jax` does, with glibc's malloc asking for transparent huge
+# pages (see ldm_jax/host_memory.py); PyTorch, in the same process, gets them too.
+# LDM_JAX_HUGE_PAGES=0 measures without.
+host_memory.use_huge_pages()
+
 # The benchmark U-Net: diffusers' `UNet2DConditionModel` with these arguments (8.75M params)
 # on 16x16x4 latents, attending to a text context of `CONTEXT_LENGTH` tokens. In diffusers'
 # `UNet2DConditionModel`, `attention_head_dim` is the number of heads.

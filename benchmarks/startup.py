@@ -2,7 +2,7 @@
 
   python benchmarks/startup.py [--config=configs/quickstart.py] [--rounds=2]
 
-Each run is ``python -m ldm_jax.cli train --config=CONFIG --workdir=FRESH_DIR
+Each run is ``python -m ldm_jax train --config=CONFIG --workdir=FRESH_DIR
 --config.train.log_every=1`` in a subprocess, with a fresh, empty workdir. Time to first
 step: the ``time`` field of the first line of the workdir's ``metrics.jsonl`` (written once
 the first step's metrics are on the host, so imports, data set-up, state creation, every
@@ -69,7 +69,7 @@ def time_to_first_step(workdir: str, env: dict[str, str]) -> float:
     command = [
         sys.executable,
         "-m",
-        "ldm_jax.cli",
+        "ldm_jax",
         "train",
         f"--config={_CONFIG.value}",
         f"--workdir={workdir}",

@@ -25,7 +25,7 @@ from typing import TextIO
 
 _POLL_SECONDS = 0.1
 # What runs an ldm-jax command: this interpreter, so a virtualenv's install is the one used.
-LDM_JAX = (sys.executable, "-m", "ldm_jax.cli")
+LDM_JAX = (sys.executable, "-m", "ldm_jax")
 
 
 def free_port() -> int:

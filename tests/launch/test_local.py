@@ -75,8 +75,6 @@ def test_dry_run_prints_every_process_command(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert code == 0 and len(lines) == 3 and lines[-1] == "wait"
     for index, line in enumerate(lines[:2]):
-        assert (
-            "-m ldm_jax.cli train --config=configs/quickstart.py:tiny '--workdir=/tmp/a b'" in line
-        )
+        assert "-m ldm_jax train --config=configs/quickstart.py:tiny '--workdir=/tmp/a b'" in line
         assert "--coordinator_address=127.0.0.1:" in line
         assert f"--num_processes=2 --process_id={index} --devices_per_process=4 &" in line

@@ -77,6 +77,8 @@ def main(_):
             ema_decay=0.999,
             cond_drop_prob=0.1,
             min_snr_gamma=None,
+            grad_accum_steps=config.diffusion.train.grad_accum_steps,
+            parallel_microbatches=config.diffusion.train.parallel_microbatches,
         )
         rows["diffusion"] = (
             dm_batch,

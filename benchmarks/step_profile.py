@@ -1,8 +1,8 @@
 """Where the benchmark train step's time goes: a `jax.profiler` trace summarised by XLA op.
 
-  python benchmarks/step_profile.py [--batch=32] [--profile_steps=3]
+  python benchmarks/step_profile.py [--batch=32] [--microbatches=1] [--profile_steps=3]
 
-Compiles the step of benchmarks/train_step.py (same U-Net, weights and AdamW), runs two steps,
+Compiles the step of benchmarks/train_step.py (same U-Net, weights, AdamW, flags), runs 2 steps,
 traces `--profile_steps` more with `jax.profiler`, and reads the trace back: the time of each
 XLA op kind (the op's name without its number: `ynn_fusion` is a convolution or matrix
 product run by YNNPACK, `*_fusion` the elementwise and reduction fusions around them), summed
@@ -55,7 +55,7 @@ def main(_):
     batch_size = flags.FLAGS.batch
     _, unet, params = benchmark_unets()
     inputs = benchmark_inputs(batch_size)
-    step, state, args = jax_step(unet, params, inputs)
+    step, state, args = jax_step(unet, params, inputs, flags.FLAGS.microbatches)
     compiled, _ = compile_step(step, state, args)
     state, _ = run_steps(compiled, state, args, 2)
     steps = _PROFILE_STEPS.value

@@ -1,6 +1,7 @@
 """Images/s of one U-Net training step, ours against diffusers' PyTorch, in one run.
 
-  python benchmarks/train_step.py [--steps=10] [--batch=32] [--rounds=3] [--torch_compile]
+  python benchmarks/train_step.py [--steps=10] [--batch=32] [--rounds=3] [--microbatches=2]
+                                  [--torch_compile]
 
 The step: noise float32 latents (B, 16, 16, 4) at uniform random timesteps, predict the
 noise with the benchmark U-Net (`common.BENCHMARK_UNET`, 8.75M params) attending to a fixed
@@ -39,6 +40,7 @@ from common import (
 from diffusers import DDPMScheduler
 
 from ldm_jax import diffusion
+from ldm_jax.train import accumulate
 
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per framework and round.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Latents per step.")
@@ -46,46 +48,45 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds the timed steps alternate in
 _TORCH_COMPILE = flags.DEFINE_bool(
     "torch_compile", False, "Also time the PyTorch step through torch.compile (slow to compile)."
 )
-_SPLITS = flags.DEFINE_integer(
-    "splits",
+_MICROBATCHES = flags.DEFINE_integer(
+    "microbatches",
     1,
-    "An experiment: our step computes the gradient of this many independent slices of the "
-    "batch and sums them (the same update), so XLA's CPU threads have branches to run at once.",
+    "Our step as with config.diffusion.train.grad_accum_steps=K and parallel_microbatches=True: "
+    "the gradients of K slices of the batch, independent branches of one graph, averaged (the "
+    "same update), so that XLA's CPU threads have branches to run at once.",
 )
 _WARMUP_STEPS = 2
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 1e-2
 
 
-def train_step(state, batch, key, *, unet, optimizer, schedule, splits=1):
+def train_step(state, batch, key, *, unet, optimizer, schedule, microbatches=1):
     """One ε-prediction MSE step of the U-Net and an AdamW update; noise drawn from ``key``.
 
-    With ``splits`` > 1 the loss and gradient are the sums of those of as many equal slices
-    of the batch, computed independently (the same update up to float rounding)."""
+    The gradient comes from `accumulate.accumulated_gradients`, as in ldm_jax's train step,
+    over ``microbatches`` parallel microbatches (one: the plain gradient of the batch)."""
     latents = batch["latents"]
     time_key, noise_key = jax.random.split(jax.random.fold_in(key, state["step"]))
     t = jax.random.randint(time_key, latents.shape[:1], 0, schedule.num_timesteps)
     noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
     z_t = diffusion.q_sample(schedule, latents, t, noise)
 
-    def loss_fn(params, part):
-        prediction = unet.apply({"params": params}, z_t[part], t[part], batch["context"][part])
-        loss = diffusion.diffusion_loss(
-            schedule, "epsilon", prediction, latents[part], noise[part], t[part]
-        )[0]
-        return loss / splits
+    def loss_fn(params, inputs, _):
+        z_t, t, context, latents, noise = inputs
+        prediction = unet.apply({"params": params}, z_t, t, context)
+        loss = diffusion.diffusion_loss(schedule, "epsilon", prediction, latents, noise, t)[0]
+        return loss, {"loss": loss}
 
-    size = latents.shape[0] // splits
-    parts = [slice(i * size, (i + 1) * size) for i in range(splits)]
-    losses, grads = zip(
-        *(jax.value_and_grad(loss_fn)(state["params"], part) for part in parts), strict=True
+    inputs = (z_t, t, batch["context"], latents, noise)
+    grads, metrics = accumulate.accumulated_gradients(
+        loss_fn, state["params"], inputs, key, microbatches, parallel=True
     )
-    loss, grads = sum(losses), jax.tree.map(lambda *g: sum(g), *grads)
+    loss = metrics["loss"]
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, loss
 
 
-def jax_step(unet, params, inputs: dict, splits: int = 1) -> tuple:
+def jax_step(unet, params, inputs: dict, microbatches: int = 1) -> tuple:
     """(our step function, its AdamW state from ``params``, its other arguments) on
     ``inputs``' latents and context: what is timed, compiled with the state donated."""
     schedule = diffusion.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
@@ -94,7 +95,7 @@ def jax_step(unet, params, inputs: dict, splits: int = 1) -> tuple:
     state = {"step": step0, "params": params, "opt_state": optimizer.init(params)}
     batch = {"latents": jnp.asarray(inputs["latents"]), "context": jnp.asarray(inputs["context"])}
     step = functools.partial(
-        train_step, unet=unet, optimizer=optimizer, schedule=schedule, splits=splits
+        train_step, unet=unet, optimizer=optimizer, schedule=schedule, microbatches=microbatches
     )
     return step, state, (batch, jax.random.key(1))
 
@@ -130,9 +131,9 @@ def main(_):
     inputs = benchmark_inputs(batch_size)
     diff = check_same_function(reference, unet, params, inputs)
 
-    if batch_size % _SPLITS.value:
-        raise ValueError(f"--splits={_SPLITS.value} must divide --batch={batch_size}")
-    step, state, args = jax_step(unet, params, inputs, _SPLITS.value)
+    if batch_size % _MICROBATCHES.value:
+        raise ValueError(f"--microbatches={_MICROBATCHES.value} must divide --batch={batch_size}")
+    step, state, args = jax_step(unet, params, inputs, _MICROBATCHES.value)
     compiled, gflop = compile_step(step, state, args)
     state, _ = run_steps(compiled, state, args, _WARMUP_STEPS)
 
@@ -175,7 +176,7 @@ def main(_):
     print(
         f"devices: {jax.device_count()} x {jax.devices()[0].platform}; torch threads "
         f"{torch.get_num_threads()}; float32 matmul peak {peak:.0f} GFLOP/s; batch {batch_size} "
-        f"(ours in {_SPLITS.value} slices); "
+        f"(ours in {_MICROBATCHES.value} parallel microbatches); "
         f"forward outputs agree within {diff:.1e}"
     )
     print(
@@ -185,7 +186,7 @@ def main(_):
     eager = median_rate(seconds["pytorch eager"], batch_size * _STEPS.value)
     record = {
         "batch": batch_size,
-        "splits": _SPLITS.value,
+        "microbatches": _MICROBATCHES.value,
         "gflop_per_step": round(gflop, 2),
         "matmul_peak": round(peak),
     }

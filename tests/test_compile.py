@@ -85,3 +85,16 @@ def test_sdxl_config_is_sdxl_size_without_its_added_embeddings():
     shapes = jax.tree.leaves(jax.eval_shape(init, jax.random.key(0)))
     # SDXL's 2,567,463,684 less its add_embedding (2816 -> 1280 -> 1280): 5,245,440.
     assert sum(math.prod(s.shape) for s in shapes) == 2_567_463_684 - 5_245_440
+
+
+def test_only_the_compiled_stage_batch_must_divide_the_mesh():
+    # Stage 2 on a v5e-256 (256 batch shards) with the quickstart's stage-1 batch of 32: the
+    # uncompiled stage's batch is rounded up, the compiled one is per_chip_batch per shard.
+    config = load_config("quickstart")
+    config.autoencoder.train.batch_size = 32
+    compile_lib.set_batch_sizes(config, "diffusion", 256, per_chip_batch=4)
+    assert config.diffusion.train.batch_size == 1024
+    assert config.autoencoder.train.batch_size == 256
+    config_lib.validate(config, 256, check_files=False)
+    with pytest.raises(ValueError, match="--per_chip_batch=0"):
+        compile_lib.set_batch_sizes(config, "diffusion", 256, per_chip_batch=0)

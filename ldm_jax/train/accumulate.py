@@ -8,7 +8,7 @@ The microbatches run one after another in a ``lax.scan`` (one microbatch's activ
 a time: the memory lever), or with ``parallel=True`` as independent computations in one graph
 (every microbatch's activations alive at once) that XLA may run at the same time: on a CPU,
 whose runtime gives independent operations to different threads, that is the faster step
-(``benchmarks/train_step.py --splits=2`` measures the same split).
+(``benchmarks/train_step.py --microbatches=2`` measures it).
 """
 
 from __future__ import annotations

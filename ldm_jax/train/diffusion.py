@@ -194,9 +194,9 @@ def train_step(
     parallel_microbatches: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on ``batch``, its gradient accumulated over ``grad_accum_steps`` microbatches
-    (encoding included, so only a microbatch's activations are alive at a time), or summed
-    over that many independent slices of the batch with ``parallel_microbatches`` (see
-    ``accumulate.accumulated_gradients``)."""
+    (encoding included, so only a microbatch's activations are alive at a time), or averaged
+    over that many microbatches computed as independent branches with
+    ``parallel_microbatches`` (see ``accumulate.accumulated_gradients``)."""
     batch_size = jax.tree.leaves(batch)[0].shape[0]
     draws, dropout_key = example_draws(
         jax.random.fold_in(root_key, state.step),

@@ -14,13 +14,17 @@ of every N steps fall inside and the one at the end does not. The variants alter
 rounds, so a change in the machine's load weighs on all alike.
 
 Prints steps/s per variant, the checkpoint overhead (1 - rate / rate without checkpoints,
-target <= 5% of step time) and the prefetch effect (rate / rate without prefetch), and one
-JSON line. A measurement, never a test.
+target <= 5% of step time) and the prefetch effect (rate / rate without prefetch), then the
+cost of one save of the same state outside the loop (median of --saves): the seconds the
+caller is blocked and the seconds until the checkpoint is on disk, with the small arrays
+packed (``Checkpointer``'s default) against every array saved on its own (pack_max_bytes=0),
+and one JSON line. A measurement, never a test.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 
@@ -32,7 +36,7 @@ from ml_collections import config_flags
 
 from ldm_jax import config as config_lib
 from ldm_jax import host_memory
-from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.checkpoint import PACK_MAX_BYTES, Checkpointer
 from ldm_jax.data import shapes, tokenizer
 from ldm_jax.data.in_memory import InMemorySource
 from ldm_jax.parallel import mesh as mesh_lib
@@ -51,6 +55,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds the variants alternate in.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Steps between logs (host waits).")
 _EVERY = flags.DEFINE_list("every", ["50", "10"], "Checkpoint intervals to compare with none.")
 _PREFETCH = flags.DEFINE_list("prefetch", ["0", "1", "2"], "Device prefetch depths to compare.")
+_SAVES = flags.DEFINE_integer("saves", 5, "Saves timed per packing variant (0: none).")
 _RECORDS = 4096
 
 
@@ -133,6 +138,51 @@ def _loop(config, mesh, rules):
     return run
 
 
+def _save_costs(config, mesh, rules, saves: int) -> dict:
+    """Median seconds of one save of the stage-2 state (blocking the caller, and until on
+    disk) and of its restore, with the small arrays packed and with every array on its own,
+    alternating."""
+    init_fn = compile_lib.stage_program(config, mesh, rules, "diffusion")[0]
+    state, _ = sharding.create_sharded(init_fn, mesh, rules, jax.random.key(0))
+    abstract, _ = sharding.abstract_state(init_fn, mesh, rules, jax.random.key(0))
+    variants = {"packed (default)": PACK_MAX_BYTES, "every array on its own": 0}
+    times = {name: ([], [], []) for name in variants}
+    with tempfile.TemporaryDirectory() as workdir:
+        checkpointers = {
+            name: Checkpointer(f"{workdir}/{pack}", max_to_keep=2, pack_max_bytes=pack)
+            for name, pack in variants.items()
+        }
+        for step in range(saves + 1):
+            for name, checkpointer in checkpointers.items():
+                start = time.perf_counter()
+                checkpointer.save(step, state, config=config.to_dict())
+                blocked = time.perf_counter() - start
+                checkpointer.wait()
+                if step:  # the first save of each is a warm-up
+                    times[name][0].append(blocked)
+                    times[name][1].append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    jax.block_until_ready(checkpointer.restore(abstract))
+                    times[name][2].append(time.perf_counter() - start)
+        for checkpointer in checkpointers.values():
+            checkpointer.close()
+    leaves = jax.tree.leaves(state)
+    print(
+        f"one save of the stage-2 state ({len(leaves)} arrays, "
+        f"{sum(x.nbytes for x in leaves) / 1e6:.1f} MB), median of {saves}:"
+    )
+    print(f"{'variant':<30} {'blocking s':>10} {'on disk s':>10} {'restore s':>10}")
+    record = {}
+    for name, (blocked, total, restored) in times.items():
+        record[name] = {
+            "blocking_seconds": round(statistics.median(blocked), 4),
+            "seconds_to_disk": round(statistics.median(total), 4),
+            "restore_seconds": round(statistics.median(restored), 4),
+        }
+        print(f"{name:<30} " + " ".join(f"{v:>10.3f}" for v in record[name].values()))
+    return record
+
+
 def _name(prefetch: int, every: int | None) -> str:
     return f"prefetch {prefetch}, " + ("no checkpoints" if every is None else f"every {every}")
 
@@ -179,6 +229,8 @@ def main(_):
             "reference": reference,
         }
     print("checkpoint overhead target: <= 5% of step time; prefetch: ratio to no prefetch")
+    if _SAVES.value:
+        record["one save"] = _save_costs(config, mesh, rules, _SAVES.value)
     print(json.dumps(record))
 
 

@@ -5,6 +5,13 @@ directory appears under its final name only once complete, so a crash mid-save l
 previous checkpoint as the newest. Restoring takes an abstract state whose leaves carry the
 target shardings, so a run saved on one mesh resumes on another, and the data iterator's
 position is carried over to another number of processes.
+
+The state's small replicated arrays (biases, norms, the optimizer's counts: most of the
+arrays of a model, a small part of its bytes) are saved packed, one array per dtype beside an
+index of names, shapes and offsets, because a save costs about 1.5 ms of host time per array
+whatever its size (orbax and tensorstore bookkeeping): the quickstart's 1,267 arrays took
+2 s of CPU per save, competing with training, and 16 arrays of the same 20 MB take 0.03 s.
+Large or sharded arrays are saved one by one as before, each process writing its shards.
 """
 
 from __future__ import annotations
@@ -13,12 +20,14 @@ import glob
 import json
 import logging
 import os
+import pathlib
 import re
 import shutil
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ldm_jax.data.process_blocks import rescale_loader_state
@@ -26,6 +35,8 @@ from ldm_jax.data.process_blocks import rescale_loader_state
 log = logging.getLogger(__name__)
 
 _STATE, _DATA, _CONFIG = "state", "data_iterator", "config"
+_SMALL, _SMALL_INDEX = "small_arrays", "small_arrays_index"
+PACK_MAX_BYTES = 1 << 20  # arrays up to this size (and replicated) are saved packed
 _HALF_WRITTEN = "*.orbax-checkpoint-tmp*"
 _GIB = 1024**3
 
@@ -41,9 +52,17 @@ class Checkpointer:
     or ``wait`` as a CheckpointSaveError naming the step, instead of leaving a silent gap.
     """
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_checkpointing: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_to_keep: int = 3,
+        async_checkpointing: bool = True,
+        pack_max_bytes: int = PACK_MAX_BYTES,
+    ):
         self.directory = os.path.abspath(directory)
         self.max_to_keep = max_to_keep
+        self.pack_max_bytes = pack_max_bytes  # 0: every array saved on its own
         half_written = sorted(glob.glob(os.path.join(self.directory, _HALF_WRITTEN)))
         if half_written:
             log.warning(
@@ -110,8 +129,18 @@ class Checkpointer:
     def save(
         self, step: int, state: Any, data_iterator: Any = None, config: dict | None = None
     ) -> None:
-        """Starts saving ``state`` (and the iterator position and config) as ``step``."""
-        items = {_STATE: ocp.args.StandardSave(state)}
+        """Starts saving ``state`` (and the iterator position and config) as ``step``.
+
+        Blocks while the small arrays are copied to the host and packed (milliseconds), then
+        the writing goes on in the background.
+        """
+        rest, packed, index = pack_small_arrays(state, self.pack_max_bytes)
+        items = {}
+        if index["arrays"]:
+            items[_SMALL] = ocp.args.StandardSave(packed)
+            items[_SMALL_INDEX] = ocp.args.JsonSave(index)
+        if len(index["arrays"]) < len(jax.tree.leaves(state)):
+            items[_STATE] = ocp.args.StandardSave(rest)
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
@@ -133,7 +162,15 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        items = {_STATE: ocp.args.StandardRestore(abstract_state)}
+        index = self._small_index(step)
+        items = {}
+        if index is None:  # a checkpoint with every array on its own
+            items[_STATE] = ocp.args.StandardRestore(abstract_state)
+        else:
+            rest, packed_target = _without_small_arrays(abstract_state, index)
+            items[_SMALL] = ocp.args.StandardRestore(packed_target)
+            if jax.tree.leaves(rest):
+                items[_STATE] = ocp.args.StandardRestore(rest)
         saved_process_count = self._saved_process_count(step)
         rescale = data_iterator is not None and saved_process_count not in (
             None,
@@ -145,7 +182,18 @@ class Checkpointer:
         if rescale:
             self._restore_rescaled(step, data_iterator, saved_process_count)
         log.info("restored step %d from %s", step, self.directory)
-        return restored[_STATE]
+        if index is None:
+            return restored[_STATE]
+        return _with_small_arrays(
+            abstract_state, restored.get(_STATE), restored[_SMALL], index, self.directory
+        )
+
+    def _small_index(self, step: int) -> dict | None:
+        """The index of ``step``'s packed small arrays (None: it has none)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), _SMALL_INDEX)):
+            return None
+        items = {_SMALL_INDEX: ocp.args.JsonRestore()}
+        return self._manager.restore(step, args=ocp.args.Composite(**items))[_SMALL_INDEX]
 
     def _data_directory(self, step: int) -> str:
         return os.path.join(self.directory, str(step), _DATA)
@@ -183,3 +231,128 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _path_name(path: tuple) -> str:
+    """A leaf's path as "params/unet/conv_in/kernel" (dict keys, fields, list indices)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def read_arrays(step_directory: str) -> dict[str, np.ndarray]:
+    """Every array of the state saved in ``step_directory`` (``<checkpoint dir>/<step>``) as a
+    host array, by path ("params/unet/conv_in/kernel"), whatever mesh saved it: a checkpoint
+    read without building the model, to inspect or compare."""
+    arrays: dict[str, np.ndarray] = {}
+    state_dir = os.path.join(step_directory, _STATE)
+    if os.path.isdir(state_dir):
+        checkpointer = ocp.PyTreeCheckpointer()
+        tree = ocp.PyTreeCheckpointHandler().metadata(pathlib.Path(state_dir))
+        tree = getattr(tree, "tree", tree)
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=args))
+        for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]:
+            arrays[_path_name(path)] = np.asarray(value)
+    index_dir = os.path.join(step_directory, _SMALL_INDEX)
+    if os.path.isdir(index_dir):
+        index = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(index_dir)
+        packed = ocp.StandardCheckpointer().restore(
+            os.path.join(step_directory, _SMALL), _without_small_arrays({}, index)[1]
+        )
+        for entry in index["arrays"]:
+            size = int(np.prod(entry["shape"], dtype=np.int64))
+            flat = packed[entry["dtype"]][entry["offset"] : entry["offset"] + size]
+            arrays[entry["path"]] = flat.reshape(entry["shape"])
+    if not arrays:
+        raise FileNotFoundError(f"no saved state in {step_directory}")
+    return dict(sorted(arrays.items()))
+
+
+def _is_small(x: Any, max_bytes: int) -> bool:
+    """A replicated numeric array of at most ``max_bytes``: packed into its dtype's array."""
+    if isinstance(x, jax.Array):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) or not x.is_fully_replicated:
+            return False
+    elif not isinstance(x, np.ndarray):
+        return False
+    return x.nbytes <= max_bytes
+
+
+def pack_small_arrays(state: Any, max_bytes: int = PACK_MAX_BYTES) -> tuple[Any, dict, dict]:
+    """Splits off ``state``'s small replicated arrays, copied to the host and concatenated.
+
+    Returns:
+      (state with those arrays replaced by None, {dtype name: 1-D host array},
+      index: {"arrays": [{"path", "dtype", "offset", "shape"}, ...], "sizes": {dtype: n}}).
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    is_small = [_is_small(x, max_bytes) for _, x in flat]
+    small = [leaf for leaf, packed in zip(flat, is_small, strict=True) if packed]
+    host = jax.device_get(
+        [x.addressable_data(0) if isinstance(x, jax.Array) else x for _, x in small]
+    )
+    parts: dict[str, list[np.ndarray]] = {}
+    arrays, sizes = [], {}
+    for (path, _), value in zip(small, host, strict=True):
+        dtype = np.dtype(value.dtype).name
+        offset = sizes.get(dtype, 0)
+        arrays.append(
+            {
+                "path": _path_name(path),
+                "dtype": dtype,
+                "offset": offset,
+                "shape": list(value.shape),
+            }
+        )
+        parts.setdefault(dtype, []).append(np.ravel(value))
+        sizes[dtype] = offset + value.size
+    packed = {dtype: np.concatenate(values) for dtype, values in parts.items()}
+    rest = treedef.unflatten(
+        [None if packed else x for (_, x), packed in zip(flat, is_small, strict=True)]
+    )
+    return rest, packed, {"arrays": arrays, "sizes": sizes}
+
+
+def _without_small_arrays(abstract_state: Any, index: dict) -> tuple[Any, dict]:
+    """The abstract state less the packed arrays, and the packed arrays' restore targets."""
+    names = {entry["path"] for entry in index["arrays"]}
+    rest = jax.tree_util.tree_map_with_path(
+        lambda path, x: None if _path_name(path) in names else x, abstract_state
+    )
+    targets = {
+        dtype: np.empty((size,), jax.numpy.dtype(dtype)) for dtype, size in index["sizes"].items()
+    }
+    return rest, targets
+
+
+def _with_small_arrays(
+    abstract_state: Any, restored: Any, packed: dict, index: dict, directory: str
+) -> Any:
+    """``abstract_state`` filled: the packed arrays cut out of ``packed`` and placed on their
+    leaf's sharding, the others from ``restored``."""
+    entries = {entry["path"]: entry for entry in index["arrays"]}
+    from_state = {
+        _path_name(path): x for path, x in jax.tree_util.tree_flatten_with_path(restored)[0]
+    }
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+    leaves = []
+    for path, target in flat:
+        name = _path_name(path)
+        entry = entries.get(name)
+        if entry is None:
+            leaves.append(from_state[name])
+            continue
+        shape = tuple(entry["shape"])
+        if shape != tuple(target.shape):
+            raise ValueError(
+                f"checkpoint in {directory}: array {name} has shape {shape}, the model "
+                f"expects {tuple(target.shape)}; the config differs from the one that saved it"
+            )
+        size = int(np.prod(shape, dtype=np.int64))
+        start = entry["offset"]
+        value = packed[entry["dtype"]][start : start + size].reshape(shape).astype(target.dtype)
+        sharding = getattr(target, "sharding", None)
+        if sharding is None:
+            leaves.append(jax.numpy.asarray(value))
+        else:
+            leaves.append(jax.make_array_from_callback(shape, sharding, lambda i, v=value: v[i]))
+    return jax.tree_util.tree_unflatten(treedef, leaves)

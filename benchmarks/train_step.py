@@ -9,6 +9,8 @@ random text context (B, 77, 128), take the mean squared error and one AdamW upda
 `ldm_jax.models.UNet` with the PyTorch module's weights (asserted to compute the same
 function before anything is timed), jitted once with its state donated; theirs is diffusers'
 `UNet2DConditionModel` in eager PyTorch (and, with --torch_compile, through `torch.compile`).
+Ours runs twice: with XLA's convolutions (the default) and with the 3x3 convolutions through
+oneDNN (`LDM_JAX_CPU_CONV=onednn`, ldm_jax/models/cpu_conv.py).
 
 The timed steps alternate between the frameworks in rounds, so a change in the machine's load
 weighs on all alike; a rate is that of the median round. GFLOP per step is XLA's cost analysis
@@ -40,6 +42,7 @@ from common import (
 from diffusers import DDPMScheduler
 
 from ldm_jax import diffusion
+from ldm_jax.models import cpu_conv
 from ldm_jax.train import accumulate
 
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per framework and round.")
@@ -125,6 +128,17 @@ def _torch_runner(step, steps: int):
     return run
 
 
+def _jax_runner(compiled, state, args):
+    state, _ = run_steps(compiled, state, args, _WARMUP_STEPS)
+
+    def run() -> float:
+        nonlocal state
+        state, seconds = run_steps(compiled, state, args, _STEPS.value)
+        return seconds
+
+    return run
+
+
 def main(_):
     batch_size = _BATCH.value
     reference, unet, params = benchmark_unets()
@@ -134,20 +148,17 @@ def main(_):
     if batch_size % _MICROBATCHES.value:
         raise ValueError(f"--microbatches={_MICROBATCHES.value} must divide --batch={batch_size}")
     step, state, args = jax_step(unet, params, inputs, _MICROBATCHES.value)
-    compiled, gflop = compile_step(step, state, args)
-    state, _ = run_steps(compiled, state, args, _WARMUP_STEPS)
-
-    def run_ours() -> float:
-        nonlocal state
-        state, seconds = run_steps(compiled, state, args, _STEPS.value)
-        return seconds
+    runners = {}
+    for name, onednn in (("ldm_jax (jit)", False), ("ldm_jax (oneDNN)", True)):
+        with cpu_conv.onednn_allowed(onednn):  # a new function object: traced anew
+            compiled, gflop = compile_step(functools.partial(step), state, args)
+        runners[name] = _jax_runner(compiled, jax.tree.map(jnp.copy, state), args)
 
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
     latents = torch.from_numpy(inputs["latents"]).permute(0, 3, 1, 2).contiguous()
     context = torch.from_numpy(inputs["context"])
-    runners = {"ldm_jax (jit)": run_ours}
     models = {"pytorch eager": reference.train()}
     if _TORCH_COMPILE.value:
         models["pytorch compile"] = torch.compile(reference)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.models import cpu_conv
+
 CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
 DENSE_IN_KERNEL_AXES = ("embed", "mlp")
 DENSE_OUT_KERNEL_AXES = ("mlp", "embed")
@@ -112,6 +114,7 @@ def conv(
         param_dtype=param_dtype,
         kernel_init=kernel_init,
         bias_init=bias_init,
+        conv_general_dilated=cpu_conv.conv_general_dilated,  # oneDNN on one CPU device
         name=name,
     )
 

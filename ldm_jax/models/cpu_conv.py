@@ -154,13 +154,13 @@ def _covered(
     rhs,
     window_strides,
     padding,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-    feature_group_count,
-    batch_group_count,
-    precision,
-    preferred_element_type,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
 ) -> bool:
     if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
         return False
@@ -228,33 +228,9 @@ def onednn_allowed(allowed: bool):
         _ALLOWED.reset(token)
 
 
-def conv_general_dilated(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    batch_group_count=1,
-    precision=None,
-    preferred_element_type=None,
-):
+def conv_general_dilated(lhs, rhs, window_strides, padding, **options):
     """``lax.conv_general_dilated``, through oneDNN for the cases it covers on one CPU."""
-    args = (
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        batch_group_count,
-        precision,
-        preferred_element_type,
-    )
-    if _wanted() and _covered(*args) and _onednn_available():
-        return same_conv(lhs, rhs, rhs.shape[0] // 2)
-    return lax.conv_general_dilated(*args)
+    if _wanted() and _covered(lhs, rhs, window_strides, padding, **options):
+        if _onednn_available():
+            return same_conv(lhs, rhs, rhs.shape[0] // 2)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)

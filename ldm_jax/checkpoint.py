@@ -242,6 +242,7 @@ def read_arrays(step_directory: str) -> dict[str, np.ndarray]:
     """Every array of the state saved in ``step_directory`` (``<checkpoint dir>/<step>``) as a
     host array, by path ("params/unet/conv_in/kernel"), whatever mesh saved it: a checkpoint
     read without building the model, to inspect or compare."""
+    step_directory = os.path.abspath(step_directory)  # orbax takes absolute paths only
     arrays: dict[str, np.ndarray] = {}
     state_dir = os.path.join(step_directory, _STATE)
     if os.path.isdir(state_dir):

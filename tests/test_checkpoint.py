@@ -120,13 +120,14 @@ def test_only_small_replicated_arrays_are_packed():
     np.testing.assert_array_equal(packed["float32"], np.ones(4))
 
 
-def test_read_arrays_gives_the_same_arrays_whether_packed_or_not(tmp_path):
+def test_read_arrays_gives_the_same_arrays_whether_packed_or_not(tmp_path, monkeypatch):
     state = _state()
     Checkpointer(str(tmp_path / "packed"), async_checkpointing=False).save(1, state)
     one_by_one = Checkpointer(str(tmp_path / "one_by_one"), pack_max_bytes=0)
     one_by_one.save(1, state)
     one_by_one.wait()
-    packed = read_arrays(str(tmp_path / "packed" / "1"))
+    monkeypatch.chdir(tmp_path)
+    packed = read_arrays("packed/1")  # a path relative to the working directory, as typed
     one_by_one = read_arrays(str(tmp_path / "one_by_one" / "1"))
     assert (
         list(packed)

@@ -139,7 +139,7 @@ class Checkpointer:
         if index["arrays"]:
             items[_SMALL] = ocp.args.StandardSave(packed)
             items[_SMALL_INDEX] = ocp.args.JsonSave(index)
-        if len(index["arrays"]) < len(jax.tree.leaves(state)):
+        if jax.tree.leaves(rest):
             items[_STATE] = ocp.args.StandardSave(rest)
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -167,8 +167,8 @@ class Checkpointer:
         if index is None:  # a checkpoint with every array on its own
             items[_STATE] = ocp.args.StandardRestore(abstract_state)
         else:
-            rest, packed_target = _without_small_arrays(abstract_state, index)
-            items[_SMALL] = ocp.args.StandardRestore(packed_target)
+            rest = _without_small_arrays(abstract_state, index)
+            items[_SMALL] = ocp.args.StandardRestore(_packed_targets(index))
             if jax.tree.leaves(rest):
                 items[_STATE] = ocp.args.StandardRestore(rest)
         saved_process_count = self._saved_process_count(step)
@@ -257,12 +257,10 @@ def read_arrays(step_directory: str) -> dict[str, np.ndarray]:
     if os.path.isdir(index_dir):
         index = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(index_dir)
         packed = ocp.StandardCheckpointer().restore(
-            os.path.join(step_directory, _SMALL), _without_small_arrays({}, index)[1]
+            os.path.join(step_directory, _SMALL), _packed_targets(index)
         )
         for entry in index["arrays"]:
-            size = int(np.prod(entry["shape"], dtype=np.int64))
-            flat = packed[entry["dtype"]][entry["offset"] : entry["offset"] + size]
-            arrays[entry["path"]] = flat.reshape(entry["shape"])
+            arrays[entry["path"]] = _unpacked(packed, entry)
     if not arrays:
         raise FileNotFoundError(f"no saved state in {step_directory}")
     return dict(sorted(arrays.items()))
@@ -313,16 +311,26 @@ def pack_small_arrays(state: Any, max_bytes: int = PACK_MAX_BYTES) -> tuple[Any,
     return rest, packed, {"arrays": arrays, "sizes": sizes}
 
 
-def _without_small_arrays(abstract_state: Any, index: dict) -> tuple[Any, dict]:
-    """The abstract state less the packed arrays, and the packed arrays' restore targets."""
+def _without_small_arrays(abstract_state: Any, index: dict) -> Any:
+    """The abstract state with the packed arrays replaced by None."""
     names = {entry["path"] for entry in index["arrays"]}
-    rest = jax.tree_util.tree_map_with_path(
+    return jax.tree_util.tree_map_with_path(
         lambda path, x: None if _path_name(path) in names else x, abstract_state
     )
-    targets = {
+
+
+def _packed_targets(index: dict) -> dict[str, np.ndarray]:
+    """Restore targets of the packed arrays: one 1-D host array per dtype."""
+    return {
         dtype: np.empty((size,), jax.numpy.dtype(dtype)) for dtype, size in index["sizes"].items()
     }
-    return rest, targets
+
+
+def _unpacked(packed: dict[str, np.ndarray], entry: dict) -> np.ndarray:
+    """The array an index entry names, cut out of its dtype's packed array."""
+    size = int(np.prod(entry["shape"], dtype=np.int64))
+    start = entry["offset"]
+    return packed[entry["dtype"]][start : start + size].reshape(entry["shape"])
 
 
 def _with_small_arrays(
@@ -348,9 +356,7 @@ def _with_small_arrays(
                 f"checkpoint in {directory}: array {name} has shape {shape}, the model "
                 f"expects {tuple(target.shape)}; the config differs from the one that saved it"
             )
-        size = int(np.prod(shape, dtype=np.int64))
-        start = entry["offset"]
-        value = packed[entry["dtype"]][start : start + size].reshape(shape).astype(target.dtype)
+        value = _unpacked(packed, entry).astype(target.dtype)
         sharding = getattr(target, "sharding", None)
         if sharding is None:
             leaves.append(jax.numpy.asarray(value))

@@ -17,11 +17,14 @@ import numpy as np
 
 from ldm_jax import host_memory
 from ldm_jax.models import cpu_conv
+from ldm_jax.parallel import platforms
 
 # Every benchmark runs, as `ldm-jax` does, with glibc's malloc asking for transparent huge
 # pages (see ldm_jax/host_memory.py); PyTorch, in the same process, gets them too.
 # LDM_JAX_HUGE_PAGES=0 measures without.
 host_memory.use_huge_pages()
+# ... and without libtpu probing for a TPU that is not there (ldm_jax/parallel/platforms.py).
+platforms.skip_absent_tpu()
 
 # The benchmark U-Net: diffusers' `UNet2DConditionModel` with these arguments (8.75M params)
 # on 16x16x4 latents, attending to a text context of `CONTEXT_LENGTH` tokens. In diffusers'

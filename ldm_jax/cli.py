@@ -452,6 +452,9 @@ def _configure_logging() -> None:
 
 def run() -> None:
     """Console-script entry point."""
+    from ldm_jax.parallel import platforms
+
+    platforms.skip_absent_tpu()  # before any JAX backend starts
     if sys.argv[1:2] == ["launch"]:
         # The launcher has flags of its own and passes everything after `--` on untouched.
         from ldm_jax.launch.main import main as launch

@@ -17,6 +17,12 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ldm_jax_test_xla_cache")
 )
 
+# As `ldm-jax` does: no libtpu backend where no TPU is attached (the test extra installs
+# libtpu for `ldm-jax compile`). The CLI subprocesses inherit the choice.
+from ldm_jax.parallel import platforms  # noqa: E402
+
+platforms.skip_absent_tpu()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -99,7 +99,7 @@ def write_plots(out_dir: str, rows: Sequence[Row], swept: Sequence[str]) -> list
             y = float(value) if value is not None else math.nan
             lines.setdefault(legend, []).append((row["settings"][x_key], y))
         path = os.path.join(out_dir, f"plot-{metric}.png")
-        line_plot(lines, path, title=f"{metric} against {x_key}", x_label=x_key)
+        line_plot(lines, path, title=f"{metric} against {x_key}", x_label=x_key, y_label=metric)
         paths.append(path)
     return paths
 

@@ -63,7 +63,8 @@ def test_results_files_plots_and_table(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
     plots = write_plots(str(tmp_path), rows, ["sampler", "steps"])
     assert [os.path.basename(p) for p in plots] == ["plot-fid.png", "plot-shape_accuracy.png"]
-    assert np.asarray(Image.open(plots[0])).std() > 0
+    with Image.open(plots[0]) as plot:
+        assert plot.size == (720, 420) and np.asarray(plot.convert("L")).std() > 0
     table = summary_table(rows, ["sampler", "steps"]).splitlines()
     assert len(table) == 2 + len(rows) and "fid" in table[0] and "colour" not in table[0]
 

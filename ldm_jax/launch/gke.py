@@ -8,11 +8,12 @@ from ``--image``; the runtime joins the pods by itself (GKE gives each pod its p
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 from collections.abc import Sequence
 from typing import Any
+
+import yaml
 
 from ldm_jax.launch.external import File, Step, step
 
@@ -136,35 +137,46 @@ def jobset(args: argparse.Namespace, command: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def to_yaml(value: Any, indent: int = 0) -> str:
-    """Block-style YAML of dicts, lists and scalars; strings double-quoted (JSON strings are
-    YAML strings), so no value is ever read back as another type."""
-    pad = " " * indent
-    if isinstance(value, dict):
-        lines = []
-        for key, item in value.items():
-            if isinstance(item, (dict, list)) and item:
-                lines.append(f"{pad}{key}:\n{to_yaml(item, indent + 2)}")
-            else:
-                lines.append(f"{pad}{key}: {_scalar(item)}")
-        return "\n".join(lines)
-    if isinstance(value, list):
-        lines = []
-        for item in value:
-            body = to_yaml(item, indent + 2) if isinstance(item, (dict, list)) else _scalar(item)
-            lines.append(f"{pad}- {body.lstrip()}")
-        return "\n".join(lines)
-    return pad + _scalar(value)
+class _ManifestDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper with every string value double-quoted, keys left plain.
+
+    PyYAML quotes only the strings that PyYAML would read back as something else, but
+    kubectl reads YAML with go-yaml v2, which also takes ``y``/``n`` for booleans and
+    ``1e-4`` or ``0o17`` for numbers: a ``command`` such as ``train --lr 1e-4`` would
+    reach the API server with a number in it and be rejected. A double-quoted scalar is a
+    string to every YAML reader.
+    """
 
 
-def _scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, (dict, list)):
-        return "{}" if isinstance(value, dict) else "[]"
-    return json.dumps(str(value))
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+
+
+def _represent_dict(dumper: yaml.SafeDumper, mapping: dict) -> yaml.MappingNode:
+    node = dumper.represent_dict(mapping)
+    # Keys are Kubernetes field names and label keys from `jobset`, never user input: plain,
+    # as manifests are written (PyYAML still quotes a key that needs it).
+    for key, _ in node.value:
+        key.style = None
+    return node
+
+
+_ManifestDumper.add_representer(str, _represent_str)
+_ManifestDumper.add_representer(dict, _represent_dict)
+
+
+def to_yaml(manifest: dict[str, Any]) -> str:
+    """The manifest as one YAML document, keys in the order they were built.
+
+    Args:
+      manifest: Dicts, lists, strings, ints and bools (as ``jobset`` builds them).
+
+    Returns:
+      The YAML text; ``yaml.safe_load`` (and kubectl) read it back as ``manifest``.
+    """
+    # No line width: each value stays on one line, so the printed manifest reads like the
+    # command it runs.
+    return yaml.dump(manifest, Dumper=_ManifestDumper, sort_keys=False, width=math.inf)
 
 
 def plan(args: argparse.Namespace, command: Sequence[str]) -> tuple[list[File], list[Step]]:
@@ -190,5 +202,5 @@ def plan(args: argparse.Namespace, command: Sequence[str]) -> tuple[list[File], 
         ]
         return [], [step(f"create XPK workload {args.name}", xpk)]
     manifest = args.manifest or f"{args.name}-jobset.yaml"
-    files = [File(manifest, to_yaml(jobset(args, command)) + "\n")]
+    files = [File(manifest, to_yaml(jobset(args, command)))]
     return files, [step(f"submit JobSet {args.name}", ["kubectl", "apply", "-f", manifest])]

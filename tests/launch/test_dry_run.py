@@ -1,18 +1,31 @@
 """`ldm-jax launch tpu|gke|slurm --dry-run`: exactly the commands and manifests they would run."""
 
+import argparse
+import json
+import os
 import shlex
+import shutil
+import subprocess
 
 import pytest
 import yaml
 
-from ldm_jax.launch import external
+from ldm_jax.launch import external, gke
 from ldm_jax.launch.main import main
 
 COMMAND = ["--", "train", "--config=configs/sd15.py", "--workdir=gs://bucket/run one"]
 
+# Arguments that unquoted YAML reads as booleans, numbers, nulls, comments, mappings, aliases
+# or tags; kubectl's reader (go-yaml v2) also takes y, n, 1e-4 and 0o17 for non-strings.
+TRICKY = [
+    "train", "true", "y", "n", "off", "1", "1e-4", "0o17", "0x1F", ".nan", "null", "~", "",
+    "key: value", "# comment", "- item", "[list]", "{map: 1}", "&anchor", "*alias", "!tag",
+    "'single'", '"double"', "two\nlines", " padded ", "é", "--workdir=gs://bucket/run one",
+]  # fmt: skip
 
-def _dry_run(capsys, *argv):
-    assert main([*argv, "--dry-run", *COMMAND]) == 0
+
+def _dry_run(capsys, *argv, command=COMMAND):
+    assert main([*argv, "--dry-run", *command]) == 0
     return capsys.readouterr().out
 
 
@@ -63,11 +76,22 @@ def test_tpu_multislice_uses_queued_resources(capsys):
     assert not any("delete" in c for c in commands)  # --keep
 
 
-def _manifest(capsys, *extra):
-    text = _dry_run(capsys, "gke", "--name=ldm", "--image=gcr.io/p/ldm:1",
-                    "--tpu_type=v5litepod-16", "--topology=4x4", *extra)  # fmt: skip
+GKE = ["--name=ldm", "--image=gcr.io/p/ldm:1", "--tpu_type=v5litepod-16", "--topology=4x4"]
+
+
+def _manifest(capsys, *extra, command=COMMAND):
+    text = _dry_run(capsys, "gke", *GKE, *extra, command=command)
     body = "\n".join(line[4:] for line in text.splitlines() if line.startswith("#   "))
     return yaml.safe_load(body), _commands(text)
+
+
+def _jobset_yaml(command, *extra):
+    """The planned JobSet dict and the manifest file's text, for ``GKE`` and ``extra``."""
+    parser = argparse.ArgumentParser()
+    gke.add_arguments(parser)
+    args = parser.parse_args([*GKE, *extra])
+    (manifest,), _ = gke.plan(args, command)
+    return gke.jobset(args, command), manifest.content
 
 
 def test_gke_jobset(capsys):
@@ -89,10 +113,52 @@ def test_gke_jobset(capsys):
     assert commands == [["kubectl", "apply", "-f", "ldm-jobset.yaml"]]
 
 
+def test_gke_dry_run_prints_the_planned_jobset(capsys):
+    printed, _ = _manifest(capsys, "--num_slices=2", command=["--", *TRICKY])
+    planned, text = _jobset_yaml(TRICKY, "--num_slices=2")
+    assert printed == yaml.safe_load(text) == planned
+    job = printed["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert job["template"]["spec"]["containers"][0]["command"] == ["ldm-jax", *TRICKY]
+
+
+def _string_values(node):
+    if isinstance(node, yaml.MappingNode):
+        return [s for _, value in node.value for s in _string_values(value)]
+    if isinstance(node, yaml.SequenceNode):
+        return [s for item in node.value for s in _string_values(item)]
+    return [node] if node.tag == "tag:yaml.org,2002:str" else []
+
+
+def test_gke_manifest_double_quotes_every_string_value():
+    # PyYAML's round trip cannot catch what only kubectl's reader misreads (y, 1e-4);
+    # a double-quoted scalar is a string to every reader.
+    _, text = _jobset_yaml(TRICKY, "--num_slices=2")
+    values = _string_values(yaml.compose(text))
+    assert len(values) > len(TRICKY)
+    assert {node.style for node in values} == {'"'}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl on the PATH")
+def test_gke_manifest_as_kubectl_reads_it(tmp_path):
+    planned, text = _jobset_yaml(TRICKY, "--num_slices=2")
+    (tmp_path / "jobset.yaml").write_text(text, encoding="utf-8")
+    # `label --local` parses the file as `kubectl apply` does, with no cluster.
+    result = subprocess.run(
+        ["kubectl", "label", "--local", "-f", str(tmp_path / "jobset.yaml"), "x=y", "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "KUBECONFIG": os.devnull},
+    )
+    read = json.loads(result.stdout)
+    del read["metadata"]["labels"]
+    assert read == planned
+
+
 def test_gke_xpk(capsys):
-    text = _dry_run(capsys, "gke", "--name=ldm", "--image=gcr.io/p/ldm:1",
-                    "--tpu_type=v5litepod-16", "--topology=4x4", "--xpk", "--cluster=c",
-                    "--project=proj", "--zone=us-west4-a")  # fmt: skip
+    text = _dry_run(
+        capsys, "gke", *GKE, "--xpk", "--cluster=c", "--project=proj", "--zone=us-west4-a"
+    )
     (xpk,) = _commands(text)
     assert xpk[:3] == ["xpk", "workload", "create"]
     assert "--tpu-type=v5litepod-16" in xpk and "--num-slices=1" in xpk

@@ -25,9 +25,7 @@ import numpy as np
 from ldm_jax import config as config_lib
 from ldm_jax import diffusion
 from ldm_jax.data import degradation, shapes, shapes_analyzer
-from ldm_jax.generate import pixels_to_uint8
-from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.train.diffusion import load_generator, sampling_options
+from ldm_jax.pipeline.load import load_model
 
 # Shape colours have chroma (max - min channel) >= 160, the tinted backgrounds <= 16.
 _SHAPE_CHROMA = 60
@@ -51,7 +49,8 @@ def _shape_box_mask(image: np.ndarray) -> np.ndarray:
 
 
 def inpaint(workdir: str, num: int, seed: int) -> dict:
-    generator, config = load_generator(workdir, mesh_lib.create_mesh(data=-1, fsdp=1, tensor=1))
+    loaded = load_model(workdir)
+    generator, config = loaded.generator(), loaded.config
     source = shapes.ShapesSource("validation", image_size=config.data.image_size)
     records = [source[i] for i in range(num)]
     colours = list(shapes.COLOURS)
@@ -64,7 +63,7 @@ def inpaint(workdir: str, num: int, seed: int) -> dict:
     images = np.stack([r["image"] for r in records])
     masks = np.stack([_shape_box_mask(image) for image in images])
     conditions = generator.conditions(prompts, [int(r["label"]) for r in records])
-    options = sampling_options(config)
+    options = generator.options()
     reconstruction = generator(
         conditions,
         seed,
@@ -109,26 +108,19 @@ def inpaint(workdir: str, num: int, seed: int) -> dict:
 
 
 def super_resolution(workdir: str, num: int, seed: int, steps: list[int]) -> dict:
-    generator, config = load_generator(workdir, mesh_lib.create_mesh(data=-1, fsdp=1, tensor=1))
+    loaded = load_model(workdir)
+    generator, config = loaded.generator(), loaded.config
     factor = config.diffusion.super_resolution_factor
     source = shapes.ShapesSource("validation", image_size=config.data.image_size)
     originals = np.stack([source[i]["image"] for i in range(num)])
     low_res = np.stack([degradation.downsample(image, factor) for image in originals])
     size = config.data.image_size
     bicubic = np.stack([degradation.bicubic_resize(image, size, size) for image in low_res])
-    options = dataclasses.replace(sampling_options(config), mode="sr")
+    options = generator.options(mode="sr")
     conditions = generator.conditions([""] * num)
     model = generator.model
     latents = model.encode(generator.params, originals / 127.5 - 1.0)
-    reconstruction = np.asarray(
-        pixels_to_uint8(
-            model.autoencoder.apply(
-                {"params": generator.params["autoencoder"]},
-                latents / model.latent_scale,
-                method="decode",
-            )
-        )
-    )
+    reconstruction = np.asarray(model.decode(generator.params, latents))
     by_steps = {}
     for num_steps in steps or [options.num_steps]:
         upsampled = generator(

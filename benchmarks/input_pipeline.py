@@ -41,6 +41,7 @@ from ldm_jax.data import shapes, tokenizer
 from ldm_jax.data.in_memory import InMemorySource
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline.datasets import make_source
 from ldm_jax.train import autoencoder, diffusion
 from ldm_jax.train import compile as compile_lib
 from ldm_jax.train import data as data_lib
@@ -98,10 +99,10 @@ def _pipeline_rate(config, source, mesh, *, batch_size: int, workers: int, threa
 
 def _pipeline_rows(config, mesh, folder: pathlib.Path) -> list[dict]:
     ae_batch, dm_batch = config.autoencoder.train.batch_size, config.diffusion.train.batch_size
-    shapes_source = data_lib.make_source(config.data, config.data.train_split, config.seed)
+    shapes_source = make_source(config.data, config.data.train_split, config.seed)
     folder_config = config.copy_and_resolve_references()
     folder_config.data.source, folder_config.data.path = "image_folder", str(folder)
-    folder_source = data_lib.make_source(folder_config.data, "train", config.seed)
+    folder_source = make_source(folder_config.data, "train", config.seed)
     latents = _latent_source(config)
     tok = tokenizer.build_word_tokenizer(shapes.caption_vocabulary())
     latent_keys = diffusion.batch_keys(config.diffusion.conditioning, encoded=True)

@@ -13,7 +13,6 @@ excludes compilation. It is a measurement, never a test.
 
 from __future__ import annotations
 
-import functools
 import json
 import tempfile
 import time
@@ -27,12 +26,14 @@ from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data.latent_cache import LatentCacheSource
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline import builders
+from ldm_jax.pipeline import workdir as workdir_lib
+from ldm_jax.pipeline.datasets import make_source
 from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import data as data_lib
 from ldm_jax.train import diffusion, frozen
 from ldm_jax.train.latent_cache import cache_latents
 from ldm_jax.train.loop import jit_train_step
-from ldm_jax.train.state import make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", lock_config=False)
 _STEPS = flags.DEFINE_integer("steps", 40, "Timed steps per source (after 3 warm-up steps).")
@@ -43,22 +44,22 @@ _RECORDS = flags.DEFINE_integer("records", 4096, "Training records to encode and
 def _stage1_workdir(config, workdir: str, mesh, rules) -> None:
     """A workdir holding an untrained stage-1 checkpoint and its latent scale."""
     checkpointer = Checkpointer(
-        autoencoder_stage.checkpoint_dir(workdir), async_checkpointing=False
+        workdir_lib.checkpoint_dir(workdir, workdir_lib.AUTOENCODER), async_checkpointing=False
     )
     state, _ = autoencoder_stage.restore_or_create(config, checkpointer, mesh, rules)
     checkpointer.save(0, state)
     checkpointer.close()
-    autoencoder_stage.write_latent_scale(workdir, 1.0, 0)
+    workdir_lib.write_latent_scale(workdir, 1.0, 0)
 
 
 def _runner(config, source, encoded: bool, mesh, rules, workdir: str) -> Callable[[int], None]:
     """``run(n)``: n stage-2 steps on batches from ``source``, waiting for the last one."""
-    ae_params, ae_shardings, scale = frozen.load_autoencoder(config, workdir, mesh, rules)
-    image_source = data_lib.make_source(config.data, config.data.train_split, config.seed)
-    tokenizer, text_encoder, extra, extra_shardings = frozen.load_conditioning(
+    ae_params, scale = frozen.load_autoencoder(config, workdir, mesh, rules)
+    image_source = make_source(config.data, config.data.train_split, config.seed)
+    tokenizer, text_encoder, extra = frozen.load_conditioning(
         config, workdir, mesh, rules, image_source
     )
-    model = diffusion.build_model(config, tokenizer, scale, text_encoder)
+    model = builders.build_model(config, tokenizer, scale, text_encoder)
     _, batches = data_lib.make_batches(
         config.data,
         source,
@@ -69,28 +70,10 @@ def _runner(config, source, encoded: bool, mesh, rules, workdir: str) -> Callabl
         keys=diffusion.batch_keys(config.diffusion.conditioning, encoded),
         images=not encoded,
     )
-    optimizer = make_optimizer(config.diffusion.train)
-    init = functools.partial(
-        diffusion.init_state,
-        model=model,
-        optimizer=optimizer,
-        max_caption_length=config.data.max_caption_length,
-    )
+    init, step_fn = diffusion.stage_functions(config, model)
     state, shardings = sharding.create_sharded(init, mesh, rules, jax.random.key(0))
-    step = jit_train_step(
-        functools.partial(
-            diffusion.train_step,
-            model=model,
-            optimizer=optimizer,
-            ema_decay=0.999,
-            cond_drop_prob=0.1,
-            min_snr_gamma=None,
-        ),
-        shardings,
-        mesh,
-        {**extra_shardings, "autoencoder": ae_shardings},
-    )
     frozen_params = {**extra, "autoencoder": ae_params}
+    step = jit_train_step(step_fn, shardings, mesh, frozen.shardings_of(frozen_params))
     key = jax.random.key(1)
 
     def run(num_steps: int) -> None:
@@ -129,7 +112,7 @@ def main(_):
         start = time.perf_counter()
         metadata = cache_latents(config, workdir, cache_dir, mesh, rules)
         caching = time.perf_counter() - start
-        images = data_lib.make_source(config.data, config.data.train_split, config.seed)
+        images = make_source(config.data, config.data.train_split, config.seed)
         results = _timed_rounds(
             {
                 "images + encoder": _runner(config, images, False, mesh, rules, workdir),

@@ -3,10 +3,11 @@
   python benchmarks/sampling.py [--batch=16] [--steps=50] [--rounds=3]
 
 Both sample float32 latents (B, 16, 16, 4) with the benchmark U-Net (`common.BENCHMARK_UNET`)
-under the default `SamplingOptions` of `ldm-jax sample` (DDIM, η = 0, "leading" timesteps,
-steps offset 1, ᾱ = 1 after the last step, guidance 4): a batch of 2B through the U-Net per
-step, B conditioned on a fixed random text context and B on a null context. Ours is what
-`LatentDiffusion.generate` runs between the noise and the decoder (`denoiser` and
+under the default sampling options of `ldm-jax sample` (the base config's `sample` block:
+DDIM, η = 0, "leading" timesteps, steps offset 1, ᾱ = 1 after the last step, guidance 4): a
+batch of 2B through the U-Net per step, B conditioned on a fixed random text context and B on
+a null context. Ours is what `pipeline.generator.generate` runs between the noise and the
+decoder (`LatentDiffusion.denoiser` and
 `diffusion.sample`, one jitted `lax.scan`); theirs is diffusers' pipeline loop, its
 `UNet2DConditionModel` and `DDIMScheduler` (the same schedule) under `torch.inference_mode`.
 Both start from the same noise; their final latents are asserted close before timing.
@@ -30,7 +31,9 @@ from common import BENCHMARK_UNET, benchmark_inputs, benchmark_unets, median_rat
 from diffusers import DDIMScheduler
 
 from ldm_jax import diffusion
-from ldm_jax.generate import LatentDiffusion, SamplingOptions
+from ldm_jax.config import base_config
+from ldm_jax.pipeline.generator import sampling_options
+from ldm_jax.pipeline.model import LatentDiffusion
 
 _BATCH = flags.DEFINE_integer("batch", 16, "Images per sampling run (2x through the U-Net).")
 _STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps.")
@@ -62,7 +65,7 @@ def torch_sample(model, scheduler, noise, context, guidance_scale: float, steps:
 
 def main(_):
     batch_size, steps = _BATCH.value, _STEPS.value
-    options = SamplingOptions(num_steps=steps)
+    options = sampling_options(base_config().sample, num_steps=steps)
     reference, unet, params = benchmark_unets()
     inputs = benchmark_inputs(2 * batch_size)
     noise = inputs["latents"][:batch_size]

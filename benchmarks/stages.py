@@ -9,7 +9,6 @@ line. Timing excludes compilation; it is a measurement, never a test.
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
@@ -22,8 +21,8 @@ from ml_collections import config_flags
 from ldm_jax.data import shapes, tokenizer
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline import builders
 from ldm_jax.train import autoencoder, diffusion
-from ldm_jax.train.state import make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per stage (after 2 warm-up steps).")
@@ -56,29 +55,13 @@ def main(_):
         )
 
         tok = tokenizer.build_word_tokenizer(shapes.caption_vocabulary())
-        model = diffusion.build_model(config, tok, latent_scale=1.0)
-        optimizer = make_optimizer(config.diffusion.train)
-        init = functools.partial(
-            diffusion.init_state,
-            model=model,
-            optimizer=optimizer,
-            max_caption_length=config.data.max_caption_length,
-        )
+        model = builders.build_model(config, tok, latent_scale=1.0)
+        init, step = diffusion.stage_functions(config, model)
         state, _ = sharding.create_sharded(init, mesh, rules, jax.random.key(0))
         dm_batch = config.diffusion.train.batch_size
         tokens = jax.device_put(
             np.full((dm_batch, config.data.max_caption_length), 4, np.int32),
             sharding.batch_sharding(mesh),
-        )
-        step = functools.partial(
-            diffusion.train_step,
-            model=model,
-            optimizer=optimizer,
-            ema_decay=0.999,
-            cond_drop_prob=0.1,
-            min_snr_gamma=None,
-            grad_accum_steps=config.diffusion.train.grad_accum_steps,
-            parallel_microbatches=config.diffusion.train.parallel_microbatches,
         )
         rows["diffusion"] = (
             dm_batch,

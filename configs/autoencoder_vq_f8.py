@@ -1,10 +1,10 @@
-"""Stage 1 alone: the CompVis vq-f8 autoencoder (see ldm_jax/presets.py for its numbers).
+"""Stage 1 alone: the CompVis vq-f8 autoencoder (see ldm_jax/config/presets.py for its numbers).
 
 ldm-jax train --config=configs/autoencoder_vq_f8.py --workdir=DIR --config.data.path=/data/images
 ldm-jax train --config=configs/autoencoder_vq_f8.py:tiny --workdir=DIR   # 32x32 shapes, on a CPU
 """
 
-from ldm_jax import presets
+from ldm_jax.config import presets
 
 
 def get_config(arg: str | None = None):

@@ -6,10 +6,10 @@ A vq-f4 first stage (8192 codes, 64x64x3 latents) and a 274M-parameter U-Net (22
 
   ldm-jax train --config=configs/ldm_celebahq256.py --workdir=DIR --config.data.path=/data/celebahq
   ldm-jax train --config=configs/ldm_celebahq256.py:tiny --workdir=DIR   # 32x32 shapes, on a CPU
-  ldm-jax sample --workdir=DIR --num=16
+  ldm-jax sample --workdir=DIR --num_per_prompt=16
 """
 
-from ldm_jax import presets
+from ldm_jax.config import presets
 
 
 def get_config(arg: str | None = None):

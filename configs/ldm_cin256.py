@@ -11,7 +11,7 @@ subfolder per class, 1000 of them:
   ldm-jax sample --workdir=DIR --label=207 --guidance=3
 """
 
-from ldm_jax import presets
+from ldm_jax.config import presets
 
 
 def get_config(arg: str | None = None):

@@ -88,7 +88,7 @@ def _tiny(config) -> None:
     dm.train.batch_size = 16
     dm.train.warmup_steps = 1
     config.sample.num_steps = 4
-    config.sample.num = 8
+    config.sample.num_per_prompt = 2
     config.train.log_every = 2
     config.train.checkpoint_every = 2
     config.train.sample_every = 0

@@ -7,10 +7,6 @@ A workdir made by `ldm-jax import` starts stage 2 from its imported U-Net; every
 overridden with --config.KEY=VALUE as with any config file.
 """
 
-from ldm_jax import config as config_lib
+from ldm_jax.config.from_workdir import get_config
 
-
-def get_config(workdir: str | None = None):
-    if not workdir:
-        raise ValueError("configs/workdir.py needs the workdir: --config=configs/workdir.py:DIR")
-    return config_lib.load_workdir_config(workdir)
+__all__ = ["get_config"]

@@ -188,6 +188,43 @@ class Checkpointer:
             abstract_state, restored.get(_STATE), restored[_SMALL], index, self.directory
         )
 
+    def restore_part(self, abstract_part: dict, step: int | None = None) -> dict:
+        """Restores part of a saved state, and only that part, onto the shardings of
+        ``abstract_part``'s leaves: each device reads its own shards of those arrays alone.
+
+        Args:
+          abstract_part: nested dicts of ``ShapeDtypeStruct``s (with shardings) along the saved
+            state's field names, e.g. ``{"ema_params": {...}}`` of a stage-2 train state: what
+            inference needs, without the optimizer state.
+          step: the step to read (default: the newest).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        index = self._small_index(step)
+        if index is not None:
+            wanted = {
+                _path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_part)[0]
+            }
+            index = {**index, "arrays": [e for e in index["arrays"] if e["path"] in wanted]}
+        rest = abstract_part if index is None else _without_small_arrays(abstract_part, index)
+        items = {}
+        if jax.tree.leaves(rest):
+            items[_STATE] = ocp.args.PyTreeRestore(
+                item=rest,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(rest),
+                partial_restore=True,
+            )
+        if index is not None and index["arrays"]:
+            items[_SMALL] = ocp.args.StandardRestore(_packed_targets(index))
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        log.info("restored part of step %d from %s", step, self.directory)
+        if index is None:
+            return restored[_STATE]
+        return _with_small_arrays(
+            abstract_part, restored.get(_STATE), restored.get(_SMALL), index, self.directory
+        )
+
     def _small_index(self, step: int) -> dict | None:
         """The index of ``step``'s packed small arrays (None: it has none)."""
         if not os.path.isdir(os.path.join(self.directory, str(step), _SMALL_INDEX)):

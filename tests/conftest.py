@@ -27,12 +27,16 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
+import logging  # noqa: E402
 import pathlib  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+from absl import flags  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,6 +54,26 @@ def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
             "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=2",
         },
     )
+
+
+@contextlib.contextmanager
+def cli_session(argv: list[str]):
+    """Runs ``cli.main(cli._parse_flags(argv))`` in this process as the console script would:
+    ``sys.argv`` is ``argv`` (ml_collections reads the overrides there), the flags are fresh,
+    no signal handlers are set for the test process and the package logger is left as it was."""
+    logger = logging.getLogger("ldm_jax")
+    handlers, level = list(logger.handlers), logger.level
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", argv)
+        patch.setattr(signal, "signal", lambda *args: None)
+        try:
+            yield
+        finally:
+            for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+                delattr(flags.FLAGS, name)
+            flags.FLAGS.unparse_flags()
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
 
 
 class StopAtCall:

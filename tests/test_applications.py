@@ -9,17 +9,18 @@ import pytest
 from conftest import load_config, run_cli
 from PIL import Image
 
-from ldm_jax import sample_inputs
+from ldm_jax.config import base_config
 from ldm_jax.data import degradation, masks, shapes, tokenizer
-from ldm_jax.generate import Generator, SamplingOptions
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline import builders, image_inputs
+from ldm_jax.pipeline.generator import Generator, sampling_options
 from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import diffusion as diffusion_stage
 from ldm_jax.train.state import make_optimizer
 
 RULES = mesh_lib.DEFAULT_AXIS_RULES
-OPTIONS = SamplingOptions(sampler="ddim", num_steps=4, guidance_scale=2.0)
+OPTIONS = sampling_options(base_config().sample, sampler="ddim", num_steps=4, guidance_scale=2.0)
 NUM = 8
 
 
@@ -32,7 +33,7 @@ def _images(n, split="validation"):
 def _setup(name):
     config = load_config(name, "tiny")
     tok = tokenizer.build_word_tokenizer(shapes.caption_vocabulary())
-    model = diffusion_stage.build_model(config, tok, latent_scale=0.8)
+    model = builders.build_model(config, tok, latent_scale=0.8)
     mesh = mesh_lib.create_mesh(data=-1, fsdp=1, tensor=1)
     init_fn = functools.partial(
         diffusion_stage.init_state,
@@ -45,7 +46,13 @@ def _setup(name):
     ae_state, ae_shardings = sharding.create_sharded(ae_init, mesh, RULES, jax.random.key(1))
     frozen = {"autoencoder": ae_state.params["autoencoder"]}
     generator = Generator(
-        model, {**state.params, **frozen}, mesh, tok, config.data.max_caption_length, NUM
+        model,
+        {**state.params, **frozen},
+        mesh,
+        config.sample,
+        tokenizer=tok,
+        max_caption_length=config.data.max_caption_length,
+        batch_size=NUM,
     )
     return config, model, generator, (state, shardings, frozen, ae_shardings)
 
@@ -174,21 +181,21 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="--mode=inpaint needs --init_image and --mask"):
         generator(_conditions(generator), 0, inpaint, {})
     with pytest.raises(ValueError, match="--mode=img2img needs --init_image=PNG"):
-        sample_inputs.mode_inputs("img2img", None, None, None)
+        image_inputs.mode_inputs("img2img", None, None, None)
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ValueError, match="--init_image=.*bad.png cannot be read as an image"):
-        sample_inputs.mode_inputs("img2img", str(tmp_path / "bad.png"), None, None)
+        image_inputs.mode_inputs("img2img", str(tmp_path / "bad.png"), None, None)
     with pytest.raises(ValueError, match="--mask is not used by --mode=img2img"):
-        sample_inputs.mode_inputs("img2img", str(tmp_path / "bad.png"), "m.png", None)
+        image_inputs.mode_inputs("img2img", str(tmp_path / "bad.png"), "m.png", None)
     with pytest.raises(ValueError, match="--outpaint=-3 must be PIXELS"):
-        sample_inputs.parse_outpaint("-3")
-    assert sample_inputs.parse_outpaint("8") == (8, 8, 8, 8)
-    assert sample_inputs.parse_outpaint("0,8,0,0") == (0, 8, 0, 0)
+        image_inputs.parse_outpaint("-3")
+    assert image_inputs.parse_outpaint("8") == (8, 8, 8, 8)
+    assert image_inputs.parse_outpaint("0,8,0,0") == (0, 8, 0, 0)
     mask = np.zeros((32, 32, 3), np.uint8)
     mask[4:8] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     Image.fromarray(image[0]).save(tmp_path / "image.png")
-    mode, inputs = sample_inputs.mode_inputs(
+    mode, inputs = image_inputs.mode_inputs(
         "inpaint", str(tmp_path / "image.png"), str(tmp_path / "mask.png"), None
     )
     assert mode == "inpaint" and inputs["mask"][4:8].all() and not inputs["mask"][8:].any()
@@ -212,11 +219,11 @@ def test_super_resolution_train_and_sample_end_to_end(tmp_path):
         f"--workdir={workdir}",
         "--mode=sr",
         f"--init_image={tmp_path / 'low.png'}",
-        "--num=2",
+        "--num_per_prompt=2",
         f"--out={out}",
     )
     assert result.returncode == 0, result.stderr
     assert np.asarray(Image.open(out)).shape == (2 + 34, 2 + 2 * 34, 3)
-    result = run_cli("sample", f"--workdir={workdir}", "--num=1")
+    result = run_cli("sample", f"--workdir={workdir}", "--num_per_prompt=1")
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert "use --mode=sr" in result.stderr

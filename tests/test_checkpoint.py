@@ -146,3 +146,28 @@ def test_read_arrays_gives_the_same_arrays_whether_packed_or_not(tmp_path, monke
         assert value.dtype == one_by_one[name].dtype
         np.testing.assert_array_equal(value, one_by_one[name])
     np.testing.assert_array_equal(packed["params/half"], np.asarray(state["params"]["half"]))
+
+
+@pytest.mark.parametrize("pack_max_bytes", [PACK_MAX_BYTES, 0])
+def test_a_part_of_the_state_restores_alone_onto_its_shardings(tmp_path, pack_max_bytes):
+    """Inference reads the params it needs (here "params", sharded over 8 devices) and
+    nothing of the rest (the optimizer state), from packed and unpacked checkpoints."""
+    mesh = mesh_lib.create_mesh(data=1, fsdp=-1)
+    state = _state(lambda _: NamedSharding(mesh, P()))
+    Checkpointer(str(tmp_path), async_checkpointing=False, pack_max_bytes=pack_max_bytes).save(
+        3, state
+    )
+
+    def sharded(x):
+        return NamedSharding(mesh, P("fsdp") if x.ndim and x.shape[0] % 8 == 0 else P())
+
+    part = {"params": _abstract(state["params"], sharded)}
+    restored = Checkpointer(str(tmp_path)).restore_part(part)
+    assert set(restored) == {"params"}
+    assert _equal(restored["params"], state["params"])
+    large = restored["params"]["large"]
+    assert large.sharding.spec == P("fsdp") and large.addressable_shards[0].data.size * 8 == (
+        large.size
+    )
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Checkpointer(str(tmp_path / "empty")).restore_part(part)

@@ -35,7 +35,7 @@ def test_train_sample_evaluate_end_to_end(tmp_path):
         "sample",
         f"--workdir={workdir}",
         "--prompt=a red circle",
-        "--num=3",
+        "--num_per_prompt=3",
         "--sampler=ddim",
         "--steps=3",
         "--guidance=2",
@@ -108,3 +108,39 @@ def test_stage_two_without_stage_one_is_one_line(tmp_path):
 def test_sample_without_a_trained_workdir_is_one_line(tmp_path):
     result = run_cli("sample", f"--workdir={tmp_path}", "--prompt=a red circle", timeout=120)
     _assert_one_line_error(result, "config.json")
+
+
+@pytest.mark.parametrize(
+    "command, reads, not_read",
+    [
+        ("sample", ["--num_per_prompt", "--guidance", "--mode", "--config.KEY"], "--topology"),
+        ("evaluate", ["--sweep", "--num_images", "--num_per_prompt"], "--init_image"),
+        ("compile", ["--topology", "--per_chip_batch"], "--prompt"),
+        ("export", ["--to", "--raw", "--config.KEY"], "--steps"),
+    ],
+)
+def test_command_help_lists_the_flags_it_reads_with_defaults(command, reads, not_read):
+    result = run_cli(command, "--help", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: ldm-jax {command} ")
+    for flag in reads:
+        assert f"  {flag}" in result.stdout, flag
+    assert f"  {not_read}=" not in result.stdout
+    if command == "sample":
+        assert "--seed=SEED: Random seed for sampling. (default: '0')" in result.stdout
+        assert "the config's sample.guidance_scale" in result.stdout
+
+
+def test_a_flag_of_another_command_is_one_line_naming_both(tmp_path):
+    result = run_cli("sample", f"--workdir={tmp_path}", "--topology=v5e:2x2", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "ldm-jax sample: error: --topology is not a flag of `ldm-jax sample`; see "
+        "`ldm-jax sample --help`"
+    ]
+
+
+def test_launch_target_help_is_the_launchers_help():
+    result = run_cli("launch", "local", "--help", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--num_processes" in result.stdout and "--devices_per_process" in result.stdout

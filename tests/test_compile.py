@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ldm_jax import builders
 from ldm_jax import config as config_lib
 from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.pipeline import builders
 from ldm_jax.train import compile as compile_lib
 from tests.conftest import load_config, run_cli
 

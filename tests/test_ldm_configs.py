@@ -9,8 +9,8 @@ import pytest
 from conftest import load_config, run_cli
 from PIL import Image
 
-from ldm_jax import builders
 from ldm_jax import config as config_lib
+from ldm_jax.pipeline import builders
 
 
 def _full_size(name, tmp_path):
@@ -79,7 +79,7 @@ SHORT_RUN = (
     "--config.data.num_train_examples=64",
     "--config.train.log_every=1",
     "--config.train.checkpoint_every=3",
-    "--config.sample.num=2",
+    "--config.sample.num_per_prompt=2",
     "--config.sample.num_steps=2",
 )
 
@@ -101,7 +101,14 @@ def test_tiny_variant_trains_both_stages_and_samples(tmp_path, name, condition):
     assert "perplexity" in json.loads(open(workdir / "metrics.jsonl").readline())
 
     out = tmp_path / "grid.png"
-    args = ("sample", f"--workdir={workdir}", *condition, "--num=2", "--steps=2", f"--out={out}")
+    args = (
+        "sample",
+        f"--workdir={workdir}",
+        *condition,
+        "--num_per_prompt=2",
+        "--steps=2",
+        f"--out={out}",
+    )
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     grid = np.asarray(Image.open(out))
@@ -109,6 +116,8 @@ def test_tiny_variant_trains_both_stages_and_samples(tmp_path, name, condition):
     assert grid.shape[0] * grid.shape[1] >= images * 32 * 32 and grid.std() > 0
 
     if condition:  # a label the model does not know is one clear line
-        result = run_cli("sample", f"--workdir={workdir}", "--label=18", "--num=1", "--steps=1")
+        result = run_cli(
+            "sample", f"--workdir={workdir}", "--label=18", "--num_per_prompt=1", "--steps=1"
+        )
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert "outside [0, 18)" in result.stderr

@@ -1,6 +1,14 @@
 """Diffusion maths on arrays: schedules, the training objective, samplers and guidance,
-and the editing applications built on the samplers (image-to-image, inpainting)."""
+the editing applications built on the samplers (image-to-image, inpainting), and the images
+concatenated to the U-Net's input (inpainting and super-resolution models)."""
 
+from ldm_jax.diffusion.concat import (
+    CONCAT_CONDITIONINGS,
+    CONCAT_INPUT_KEYS,
+    IMAGE_KEYS,
+    concat_channels,
+    concat_condition,
+)
 from ldm_jax.diffusion.guidance import (
     classifier_free_guidance,
     guided_denoise_fn,
@@ -35,12 +43,17 @@ from ldm_jax.diffusion.schedules import (
 )
 
 __all__ = [
+    "CONCAT_CONDITIONINGS",
+    "CONCAT_INPUT_KEYS",
+    "IMAGE_KEYS",
     "PREDICTION_TYPES",
     "SAMPLERS",
     "SCHEDULE_KINDS",
     "TIMESTEP_SPACINGS",
     "NoiseSchedule",
     "classifier_free_guidance",
+    "concat_channels",
+    "concat_condition",
     "denoising_step",
     "diffusion_loss",
     "dpm_solver_step",

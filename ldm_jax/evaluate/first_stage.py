@@ -5,52 +5,44 @@ from __future__ import annotations
 
 import functools
 
-from jax.sharding import Mesh
+import ml_collections
 
-from ldm_jax import builders
 from ldm_jax import config as config_lib
-from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.evaluate import batches
 from ldm_jax.evaluate.reconstruction import evaluate_reconstruction
-from ldm_jax.generate import pixels_from_uint8
-from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.train import autoencoder as autoencoder_stage
-from ldm_jax.train import data as data_lib
-from ldm_jax.train import frozen
+from ldm_jax.pipeline import builders
+from ldm_jax.pipeline.datasets import make_source
+from ldm_jax.pipeline.load import inference_mesh, load_autoencoder
+from ldm_jax.pipeline.model import pixels_from_uint8, reconstruct
 
 
 def evaluate_workdir(
     workdir: str,
-    mesh: Mesh,
     out_dir: str,
     *,
     num_images: int,
     lpips_weights: str | None = None,
+    config: ml_collections.ConfigDict | None = None,
 ) -> dict:
-    """Reconstructs the first ``num_images`` validation images with the EMA autoencoder.
+    """Reconstructs the first ``num_images`` validation images with the EMA autoencoder, on
+    the mesh of the workdir's config (batches split over its data-parallel axes).
 
     Args:
       workdir: a workdir with a stage-1 checkpoint (or a pretrained autoencoder).
-      mesh: batches are split over its data-parallel axes.
       out_dir: where reconstruction.json and reconstruction.png go.
       num_images: how many validation images to score.
       lpips_weights: an LPIPS safetensors file; None: the config's
         ``autoencoder.loss.lpips_weights``; "": no LPIPS.
+      config: the workdir's config with overrides (``--config.mesh.*``); None: its own.
 
     Returns:
       The results written to ``out_dir/reconstruction.json``.
     """
-    config = config_lib.load_workdir_config(workdir)
-    rules = mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
+    config = config_lib.load_workdir_config(workdir) if config is None else config
+    mesh, rules = inference_mesh(config)
     model = builders.build_autoencoder(config)
-    ae_params, _, _ = frozen.load_autoencoder(config, workdir, mesh, rules)
-    checkpointer = Checkpointer(
-        autoencoder_stage.checkpoint_dir(frozen.autoencoder_workdir(config, workdir)),
-        async_checkpointing=False,
-    )
-    step = checkpointer.latest_step()
-    checkpointer.close()
-    params = {"autoencoder": ae_params}
+    autoencoder = load_autoencoder(config, workdir, mesh, rules)
+    params = {"autoencoder": autoencoder.params}
 
     weights = config.autoencoder.loss.lpips_weights if lpips_weights is None else lpips_weights
     lpips_fn = None
@@ -68,10 +60,10 @@ def evaluate_workdir(
         )
 
     batch_size = batches.batch_size_for(mesh, num_images)
-    source = data_lib.make_source(config.data, config.data.eval_split, config.seed)
-    reconstruct = functools.partial(autoencoder_stage.reconstruct, model=model)
+    source = make_source(config.data, config.data.eval_split, config.seed)
+    reconstruct_fn = functools.partial(reconstruct, model=model)
     return evaluate_reconstruction(
-        lambda p, x: reconstruct(p["autoencoder"], x),
+        lambda p, x: reconstruct_fn(p["autoencoder"], x),
         source,
         mesh=mesh,
         batch_size=batch_size,
@@ -81,6 +73,6 @@ def evaluate_workdir(
         lpips_fn=lpips_fn,
         codes_fn=codes_fn,
         num_codes=num_codes,
-        step=step,
+        step=autoencoder.step,
         params=params,
     )

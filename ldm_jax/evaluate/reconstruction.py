@@ -23,10 +23,10 @@ from tqdm import tqdm
 from ldm_jax.data import pipeline
 from ldm_jax.data.transforms import ResizeAndCrop
 from ldm_jax.evaluate import batches
-from ldm_jax.evaluate.grid import save_grid
 from ldm_jax.evaluate.image_metrics import psnr, ssim
-from ldm_jax.generate import pixels_from_uint8
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline.grids import save_grid
+from ldm_jax.pipeline.model import pixels_from_uint8
 
 RESULTS_FILE = "reconstruction.json"
 GRID_FILE = "reconstruction.png"

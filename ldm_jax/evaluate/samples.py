@@ -9,8 +9,8 @@ import jax
 import numpy as np
 
 from ldm_jax.data import shapes, shapes_analyzer
-from ldm_jax.evaluate.grid import save_grid
-from ldm_jax.generate import Generator, SamplingOptions
+from ldm_jax.pipeline.generator import Generator, SamplingOptions
+from ldm_jax.pipeline.grids import save_grid
 
 
 def evaluate_samples(

@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
@@ -32,14 +33,14 @@ from ldm_jax.data import pipeline, shapes, shapes_analyzer
 from ldm_jax.evaluate import batches, sweep_results
 from ldm_jax.evaluate.clip_score import ClipScorer
 from ldm_jax.evaluate.fid import GaussianStatistics, frechet_distance, kernel_inception_distance
-from ldm_jax.evaluate.grid import save_grid
 from ldm_jax.evaluate.inception_features import InceptionFeatures, reference_features
 from ldm_jax.evaluate.sweep_spec import LATEST, Point, parse_sweep, sweep_name
-from ldm_jax.generate import Generator
 from ldm_jax.parallel import sharding
-from ldm_jax.train import data as data_lib
-from ldm_jax.train import diffusion as diffusion_stage
-from ldm_jax.train import previews
+from ldm_jax.pipeline import grids
+from ldm_jax.pipeline import workdir as workdir_lib
+from ldm_jax.pipeline.datasets import make_source
+from ldm_jax.pipeline.generator import Generator, sampling_options
+from ldm_jax.pipeline.load import load_model
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def load_prompts(config, prompts_file: str | None, num_per_prompt: int) -> Promp
             raise ValueError(f"--prompts_file={prompts_file} holds no prompts (one per line)")
         labels = None
     else:
-        texts, labels = previews.preview_prompts(config)
+        texts, labels = grids.preview_conditions(config)
     digest = hashlib.sha1("\n".join(texts).encode()).hexdigest()[:12]
     return Prompts(
         prompts=[t for t in texts for _ in range(num_per_prompt)],
@@ -139,7 +140,7 @@ class _Metrics:
         if inception_weights:
             self.inception = InceptionFeatures(inception_weights, mesh)
             data = config.data
-            source = data_lib.make_source(data, data.eval_split, config.seed)
+            source = make_source(data, data.eval_split, config.seed)
             description = {
                 "source": data.source,
                 "path": data.path,
@@ -221,9 +222,9 @@ def _point_name(point: Point) -> str:
 
 def run_sample_sweep(
     workdir: str,
-    mesh: Mesh,
     spec: str,
     *,
+    config: ml_collections.ConfigDict | None = None,
     out_dir: str | None = None,
     num_per_prompt: int = 1,
     prompts_file: str | None = None,
@@ -236,8 +237,9 @@ def run_sample_sweep(
 
     Args:
       workdir: a trained (or imported) stage-2 workdir.
-      mesh: samples are split over its data-parallel axes.
       spec: the ``--sweep`` text.
+      config: the workdir's config with overrides (``--config.mesh.*``: the mesh the model
+        is sharded on and the samples split over); None: its own.
       out_dir: where the results go (default ``workdir/evaluate/sweep-<keys>``).
       num_per_prompt: samples per prompt.
       prompts_file: a text file of prompts, one per line (default: the shapes prompts).
@@ -249,16 +251,19 @@ def run_sample_sweep(
     points = parse_sweep(spec)
     swept = list(points[0])
     out_dir = out_dir or os.path.join(workdir, SWEEP_DIR, f"sweep-{sweep_name(points)}")
-    config = config_lib.load_workdir_config(workdir)
+    config = config_lib.load_workdir_config(workdir) if config is None else config
     prompts = load_prompts(config, prompts_file, num_per_prompt)
-    checkpointer = Checkpointer(diffusion_stage.checkpoint_dir(workdir), async_checkpointing=False)
+    checkpointer = Checkpointer(
+        workdir_lib.checkpoint_dir(workdir, workdir_lib.DIFFUSION), async_checkpointing=False
+    )
     saved, directory = checkpointer.all_steps(), checkpointer.directory
     checkpointer.close()
-    settings = []
+    settings, point_options = [], []
     for point in points:
-        options = diffusion_stage.sampling_options(
-            config, **{OPTION_OF_KEY[k]: v for k, v in point.items() if k in OPTION_OF_KEY}
+        options = sampling_options(
+            config.sample, **{OPTION_OF_KEY[k]: v for k, v in point.items() if k in OPTION_OF_KEY}
         )
+        point_options.append(options)
         settings.append(
             {
                 **{key: getattr(options, field) for key, field in OPTION_OF_KEY.items()},
@@ -281,16 +286,20 @@ def run_sample_sweep(
         point, point_settings = points[i], settings[i]
         if point_settings["checkpoint"] != loaded_step:
             loaded_step = point_settings["checkpoint"]
-            generator, _ = diffusion_stage.load_generator(workdir, mesh, step=loaded_step)
+            generator = load_model(workdir, config, step=loaded_step).generator()
         if metrics is None:
             metrics = _Metrics(
-                workdir, config, mesh, inception_weights, clip_weights, num_reference_images
+                workdir,
+                config,
+                generator.mesh,
+                inception_weights,
+                clip_weights,
+                num_reference_images,
             )
-        options = diffusion_stage.sampling_options(
-            config, **{OPTION_OF_KEY[k]: v for k, v in point.items() if k in OPTION_OF_KEY}
-        )
         start = time.perf_counter()
-        samples = _sample_point(generator, options, prompts, point_settings["seed"], metrics, mesh)
+        samples = _sample_point(
+            generator, point_options[i], prompts, point_settings["seed"], metrics, generator.mesh
+        )
         results = {**_point_metrics(samples, prompts, metrics)}
         results["seconds"] = round(time.perf_counter() - start, 2)
         rows.append({"settings": point_settings, "metrics": results})
@@ -299,7 +308,9 @@ def run_sample_sweep(
         if jax.process_index() == 0:
             grid = samples["images"][:GRID_MAX_IMAGES]
             columns = prompts.num_per_prompt if prompts.num_per_prompt > 1 else None
-            save_grid(grid, os.path.join(out_dir, GRID_DIR, f"{_point_name(point)}.png"), columns)
+            grids.save_grid(
+                grid, os.path.join(out_dir, GRID_DIR, f"{_point_name(point)}.png"), columns
+            )
             sweep_results.write_rows(out_dir, rows, spec)
     # The rows of this spec's points, in its order (rows of other specs stay in the files).
     order = {sweep_results.settings_key(s): i for i, s in enumerate(settings)}

@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     """Parses the launcher's flags, then launches the command after ``--``."""
     argv = list(argv)
+    launcher_flags = argv[: argv.index("--")] if "--" in argv else argv
+    if "-h" in launcher_flags or "--help" in launcher_flags:
+        _parser().parse_args(launcher_flags)  # prints the target's (or the launcher's) help
+        return 0
     if "--" not in argv:
         print(
             f"ldm-jax launch: error: put the ldm-jax command after `--` (usage: {_USAGE})",

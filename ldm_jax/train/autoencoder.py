@@ -9,7 +9,6 @@ in one jitted, sharded step; both optimizer states live in the train state. The 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -23,13 +22,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ldm_jax import builders
 from ldm_jax.checkpoint import Checkpointer
-from ldm_jax.evaluate.grid import save_grid
-from ldm_jax.generate import pixels_from_uint8, pixels_to_uint8
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline import builders, load
+from ldm_jax.pipeline import workdir as workdir_lib
+from ldm_jax.pipeline.datasets import make_source
+from ldm_jax.pipeline.grids import save_grid
+from ldm_jax.pipeline.model import pixels_from_uint8, reconstruct
 from ldm_jax.train import data as data_lib
+from ldm_jax.train import random_streams
 from ldm_jax.train import state as state_lib
 from ldm_jax.train.autoencoder_loss import (
     LossModules,
@@ -43,8 +45,7 @@ from ldm_jax.train.state import TrainState, apply_gradients, create_train_state,
 
 log = logging.getLogger(__name__)
 
-STAGE = "autoencoder"
-LATENT_SCALE_FILE = "latent_scale.json"
+STAGE = workdir_lib.AUTOENCODER
 
 
 @flax.struct.dataclass
@@ -74,10 +75,6 @@ class AutoencoderTrainState:
         return self.generator.ema_params
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(workdir, "checkpoints", STAGE)
-
-
 def discriminator_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Adam with the discriminator's betas and learning rate, on the autoencoder's schedule."""
     loss = config.autoencoder.loss
@@ -98,9 +95,7 @@ def init_state(
 ) -> AutoencoderTrainState:
     ae_key, disc_key = jax.random.split(key)
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    variables = dict(
-        modules.autoencoder.init({"params": ae_key, "sample": ae_key, "codebook": ae_key}, images)
-    )
+    variables = dict(load.autoencoder_variables(modules.autoencoder, image_size, ae_key))
     params = {"autoencoder": variables.pop("params")}
     if settings.learn_logvar:
         params["loss"] = {"logvar": jnp.zeros((), jnp.float32)}
@@ -190,16 +185,10 @@ def _apply_code_restarts(generator: TrainState, model_state: dict) -> tuple[Trai
     return generator, {**model_state, "codebook": codebook}
 
 
-def inference_params(state: AutoencoderTrainState, ema: bool = True) -> Any:
-    """The autoencoder params that sampling, evaluation and export use (EMA by default).
-
-    An EMA-updated VQ codebook lives outside the params during training; it is put in.
-    """
-    params = state.ema_params["autoencoder"] if ema else state.params["autoencoder"]
-    quantizer_state = state.model_state.get("codebook", {}).get("quantize", {})
-    if "embedding" in quantizer_state:
-        params = {**params, "quantize": {"embedding": quantizer_state["embedding"]}}
-    return params
+def inference_params(state: AutoencoderTrainState) -> Any:
+    """The EMA autoencoder params that previews and the latent scale use, as inference loads
+    them from a checkpoint (``pipeline.load.load_autoencoder``)."""
+    return load.with_codebook(state.ema_params["autoencoder"], state.model_state)
 
 
 def train_step(
@@ -240,12 +229,6 @@ def train_step(
 def gan_active(settings: LossSettings, step: int) -> bool:
     """Whether the update from ``step`` (updates done so far) trains with the GAN."""
     return settings.gan and step >= settings.disc_start
-
-
-def reconstruct(params: Any, images: jax.Array, *, model) -> jax.Array:
-    """uint8 reconstructions through the posterior mode (VQ: the quantised latent)."""
-    posterior = model.apply({"params": params}, pixels_from_uint8(images), method="encode")
-    return pixels_to_uint8(model.apply({"params": params}, posterior.mode(), method="decode"))
 
 
 def build_loss_modules(config: ml_collections.ConfigDict) -> tuple[LossModules, Any]:
@@ -307,7 +290,7 @@ def restore_or_create(
     init_fn, _ = stage_functions(config, modules)
     return state_lib.restore_or_create(
         init_fn,
-        state_lib.init_key(config.seed, 1, mesh.size),
+        state_lib.init_key(config.seed, random_streams.AUTOENCODER_INIT, mesh.size),
         checkpointer,
         mesh,
         rules,
@@ -326,12 +309,16 @@ def train(
     train_config = config.autoencoder.train
     modules, lpips_params = build_loss_modules(config)
     _, step_fn = stage_functions(config, modules)
-    source = data_lib.make_source(config.data, config.data.train_split, config.seed)
+    source = make_source(config.data, config.data.train_split, config.seed)
     data_iterator, batches = data_lib.make_batches(
-        config.data, source, batch_size=train_config.batch_size, seed=config.seed + 1, mesh=mesh
+        config.data,
+        source,
+        batch_size=train_config.batch_size,
+        seed=random_streams.data_seed(config.seed, random_streams.AUTOENCODER_DATA),
+        mesh=mesh,
     )
     checkpointer = Checkpointer(
-        checkpoint_dir(workdir),
+        workdir_lib.checkpoint_dir(workdir, STAGE),
         max_to_keep=config.train.max_to_keep,
         async_checkpointing=config.train.async_checkpointing,
     )
@@ -358,7 +345,7 @@ def train(
         host_step[0] += 1
         return steps[use_gan](current, batch, step_key, lpips_params)
 
-    step_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+    step_key = random_streams.step_key(config.seed, random_streams.AUTOENCODER_STEPS)
     writer = MetricsWriter(workdir, STAGE)
 
     preview = _preview_images(config, mesh)
@@ -374,7 +361,7 @@ def train(
         if jax.process_index() == 0:
             grid = save_grid(
                 np.concatenate([originals, recon]),
-                os.path.join(workdir, "samples", f"{STAGE}_{step_number:06d}.png"),
+                os.path.join(workdir, workdir_lib.SAMPLES_DIR, f"{STAGE}_{step_number:06d}.png"),
                 columns=len(recon),
             )
             writer.write_images(step_number, "reconstructions", grid)
@@ -395,15 +382,15 @@ def train(
     writer.close()
     checkpointer.close()
     finished = int(state.step) == train_config.steps
-    if finished and read_latent_scale(workdir, int(state.step)) is None:
+    if finished and workdir_lib.read_latent_scale(workdir, int(state.step)) is None:
         scale = measure_latent_scale(config, inference_params(state), mesh)
-        write_latent_scale(workdir, scale, int(state.step))
+        workdir_lib.write_latent_scale(workdir, scale, int(state.step))
     return state
 
 
 def _preview_images(config: ml_collections.ConfigDict, mesh: Mesh) -> jax.Array:
     """A fixed batch of validation images for reconstruction grids."""
-    source = data_lib.make_source(config.data, config.data.eval_split, config.seed)
+    source = make_source(config.data, config.data.eval_split, config.seed)
     shards = mesh_lib.data_parallel_size(mesh)
     count = -(-8 // shards) * shards
     images = np.stack([_resized(config, source[i % len(source)]["image"]) for i in range(count)])
@@ -425,9 +412,13 @@ def measure_latent_scale(config: ml_collections.ConfigDict, params: Any, mesh: M
     """
     model = builders.build_autoencoder(config)
     batch_size = config.autoencoder.train.batch_size
-    source = data_lib.make_source(config.data, config.data.train_split, config.seed)
+    source = make_source(config.data, config.data.train_split, config.seed)
     _, batches = data_lib.make_batches(
-        config.data, source, batch_size=batch_size, seed=config.seed + 3, mesh=mesh
+        config.data,
+        source,
+        batch_size=batch_size,
+        seed=random_streams.data_seed(config.seed, random_streams.LATENT_SCALE),
+        mesh=mesh,
     )
 
     @jax.jit
@@ -437,7 +428,7 @@ def measure_latent_scale(config: ml_collections.ConfigDict, params: Any, mesh: M
         return jnp.sum(z), jnp.sum(z * z), z.size
 
     total, total_sq, count = 0.0, 0.0, 0
-    key = jax.random.fold_in(jax.random.key(config.seed), 3)
+    key = random_streams.step_key(config.seed, random_streams.LATENT_SCALE)
     with jax.set_mesh(mesh):
         for i in range(config.autoencoder.latent_scale_batches):
             s, sq, n = moments(next(batches)["image"], jax.random.fold_in(key, i))
@@ -446,21 +437,3 @@ def measure_latent_scale(config: ml_collections.ConfigDict, params: Any, mesh: M
     std = float(np.sqrt(max(total_sq / count - mean * mean, 1e-12)))
     log.info("latent std %.4f over %d values: latent scale %.4f", std, count, 1.0 / std)
     return 1.0 / std
-
-
-def write_latent_scale(workdir: str, scale: float, step: int) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, LATENT_SCALE_FILE), "w", encoding="utf-8") as f:
-            json.dump({"latent_scale": scale, "autoencoder_step": step}, f)
-
-
-def read_latent_scale(workdir: str, autoencoder_step: int) -> float | None:
-    """The stored latent scale if it was measured on the autoencoder at ``autoencoder_step``."""
-    path = os.path.join(workdir, LATENT_SCALE_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    if record["autoencoder_step"] != autoencoder_step:
-        return None
-    return float(record["latent_scale"])

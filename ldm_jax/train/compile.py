@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import importlib.util
 import math
 import os
@@ -26,15 +25,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ldm_jax import builders
 from ldm_jax import config as config_lib
 from ldm_jax.data import tokenizer as tokenizer_lib
 from ldm_jax.models import LPIPS
 from ldm_jax.models.clip import CLIPTextTransformer
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline import builders
 from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import diffusion as diffusion_stage
+from ldm_jax.train import random_streams
 from ldm_jax.train import state as state_lib
 from ldm_jax.train.autoencoder_loss import LossModules
 from ldm_jax.train.loop import jit_train_step
@@ -53,6 +53,10 @@ _CLIP_SIZES = {768: (12, 12, 3072), 1024: (24, 16, 4096), 1280: (32, 20, 5120)}
 CLIP_VOCABULARY = 49408
 PLACEHOLDER_VOCABULARY = 1_000
 COMPILE_STAGES = ("diffusion", "autoencoder")
+_INIT_STREAMS = {
+    "diffusion": random_streams.DIFFUSION_INIT,
+    "autoencoder": random_streams.AUTOENCODER_INIT,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +164,7 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
     return list(description.devices)
 
 
+
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
     """What XLA reports for one device of a compiled train step (bytes and FLOPs)."""
@@ -264,7 +269,7 @@ def compile_train_step(
         config, mesh, rules, stage
     )
     abstract, shardings = sharding.abstract_state(
-        init_fn, mesh, rules, state_lib.init_key(config.seed, 0, mesh.size)
+        init_fn, mesh, rules, state_lib.init_key(config.seed, _INIT_STREAMS[stage], mesh.size)
     )
     batch_size = config[stage].train.batch_size
     batch_sharding = sharding.batch_sharding(mesh)
@@ -332,7 +337,7 @@ def _diffusion_step(config: ml_collections.ConfigDict, mesh, rules):
     clip = None
     if dm.conditioning == "text" and dm.text_encoder.kind == "clip":
         clip = _abstract_clip(config)
-    model = diffusion_stage.build_model(config, tokenizer, latent_scale=1.0, text_encoder=clip)
+    model = builders.build_model(config, tokenizer, latent_scale=1.0, text_encoder=clip)
     images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
     frozen, frozen_shardings = {}, {}
     encoded = dm.encode_once or bool(config.data.latent_cache)
@@ -345,23 +350,7 @@ def _diffusion_step(config: ml_collections.ConfigDict, mesh, rules):
         frozen["text_encoder"], frozen_shardings["text_encoder"] = _abstract_params(
             clip, mesh, rules, tokens
         )
-    optimizer = state_lib.make_optimizer(dm.train)
-    init_fn = functools.partial(
-        diffusion_stage.init_state,
-        model=model,
-        optimizer=optimizer,
-        max_caption_length=config.data.max_caption_length,
-    )
-    step_fn = functools.partial(
-        diffusion_stage.train_step,
-        model=model,
-        optimizer=optimizer,
-        ema_decay=dm.train.ema_decay,
-        cond_drop_prob=dm.cond_drop_prob,
-        min_snr_gamma=dm.min_snr_gamma or None,
-        grad_accum_steps=dm.train.grad_accum_steps,
-        parallel_microbatches=dm.train.parallel_microbatches,
-    )
+    init_fn, step_fn = diffusion_stage.stage_functions(config, model)
     size, latent = config.data.image_size, config_lib.latent_shape(config)
     specs = {
         "image": ((size, size, 3), jnp.uint8),

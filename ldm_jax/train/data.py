@@ -1,4 +1,5 @@
-"""From config to data: the source, the tokenizer and an iterator of global sharded batches."""
+"""From config to training data: the tokenizer, the conditioning images a record gains, and
+an iterator of global sharded batches (the source itself is ``pipeline.datasets``')."""
 
 from __future__ import annotations
 
@@ -11,32 +12,16 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from ldm_jax.data import pipeline, shapes, tokenizer, transforms
+from ldm_jax.data import degradation, masks, pipeline, shapes, tokenizer, transforms
 from ldm_jax.data.image_folder import ImageFolderSource
-from ldm_jax.data.tfds_source import TfdsSource
 from ldm_jax.parallel import sharding
-
-TOKENIZER_FILE = "tokenizer.json"
+from ldm_jax.pipeline.workdir import TOKENIZER_FILE
 
 # Threads reading records one batch ahead, by source. Image files and TFDS records are read
 # from storage and decoded outside the GIL; shapes are drawn in Python and cached latents
 # are a few kilobytes on a local disk, so for those a hand-off between threads costs more
 # than the read.
 READ_THREADS = {"shapes": 0, "image_folder": 16, "tfds": 16}
-
-
-def make_source(data: ml_collections.ConfigDict, split: str, seed: int) -> Any:
-    """The grain source named by ``config.data.source`` (an explicit dispatch, no registry)."""
-    if data.source == "shapes":
-        num = data.num_train_examples if split == data.train_split else None
-        return shapes.ShapesSource(
-            split=split, image_size=data.image_size, num_examples=num, seed=seed
-        )
-    if data.source == "image_folder":
-        return ImageFolderSource(data.path)
-    if data.source == "tfds":
-        return TfdsSource(data.tfds_name, split=split, data_dir=data.tfds_data_dir or None)
-    raise ValueError(f"unknown config.data.source={data.source!r}")
 
 
 def caption_words(data: ml_collections.ConfigDict, source: Any) -> list[str]:
@@ -56,6 +41,16 @@ def load_or_build_tokenizer(workdir: str, data: ml_collections.ConfigDict, sourc
     tok = tokenizer.build_word_tokenizer(caption_words(data, source))
     tokenizer.save_tokenizer(tok, path)
     return tok
+
+
+def conditioning_operations(kind: str, super_resolution_factor: int) -> list[grain.transforms.Map]:
+    """The data transforms that add a training record's conditioning images (the images the
+    U-Net of ``config.diffusion.concat_conditioning`` takes with its latents)."""
+    if kind == "inpaint":
+        return [masks.AddInpaintingMask()]
+    if kind == "sr":
+        return [degradation.AddLowResolution(super_resolution_factor)]
+    return []
 
 
 def make_batches(

@@ -16,18 +16,21 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from ldm_jax import builders, diffusion, image_conditioning, pretrained
 from ldm_jax import config as config_lib
+from ldm_jax import diffusion
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data import shapes, transforms
-from ldm_jax.data import tokenizer as tokenizer_lib
 from ldm_jax.data.in_memory import InMemorySource
-from ldm_jax.evaluate.grid import save_grid
-from ldm_jax.generate import Generator, LatentDiffusion, SamplingOptions, pixels_from_uint8
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
-from ldm_jax.train import accumulate, latent_cache, previews
+from ldm_jax.pipeline import builders, grids, pretrained
+from ldm_jax.pipeline import workdir as workdir_lib
+from ldm_jax.pipeline.datasets import make_source
+from ldm_jax.pipeline.generator import Generator
+from ldm_jax.pipeline.load import init_trained_params
+from ldm_jax.pipeline.model import LatentDiffusion, pixels_from_uint8
+from ldm_jax.train import accumulate, latent_cache, random_streams
 from ldm_jax.train import data as data_lib
 from ldm_jax.train import frozen as frozen_inputs
 from ldm_jax.train import state as state_lib
@@ -37,50 +40,7 @@ from ldm_jax.train.state import TrainState, apply_gradients, create_train_state,
 
 log = logging.getLogger(__name__)
 
-STAGE = "diffusion"
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(workdir, "checkpoints", STAGE)
-
-
-def build_model(
-    config: ml_collections.ConfigDict,
-    tokenizer: Any,
-    latent_scale: float,
-    text_encoder: Any = None,
-) -> LatentDiffusion:
-    """The stage-2 model of ``config``.
-
-    Args:
-      config: the run's config.
-      tokenizer: the `tokenizers.Tokenizer` of text conditioning, else None.
-      latent_scale: the autoencoder's latent scale factor.
-      text_encoder: a pretrained (frozen) text encoder module; None builds the config's
-        from-scratch encoder.
-    """
-    conditioning = config.diffusion.conditioning
-    null_condition = np.zeros((), np.int32)
-    if conditioning == "text":
-        if text_encoder is None:
-            text_encoder = builders.build_text_encoder(config, tokenizer.get_vocab_size())
-        null_condition = tokenizer_lib.encode(tokenizer, [""], config.data.max_caption_length)[0]
-    elif conditioning == "class":
-        null_condition = np.asarray(config_lib.num_classes(config), np.int32)
-    return LatentDiffusion(
-        frozen_text_encoder=config.diffusion.text_encoder.kind == "clip",
-        unet=builders.build_unet(config),
-        autoencoder=builders.build_autoencoder(config),
-        text_encoder=text_encoder,
-        schedule=builders.build_schedule(config),
-        conditioning=conditioning,
-        null_condition=null_condition,
-        latent_shape=config_lib.latent_shape(config),
-        latent_scale=latent_scale,
-        prediction_type=config.diffusion.prediction_type,
-        concat_conditioning=config.diffusion.concat_conditioning,
-        super_resolution_factor=config.diffusion.super_resolution_factor,
-    )
+STAGE = workdir_lib.DIFFUSION
 
 
 def init_state(
@@ -90,20 +50,9 @@ def init_state(
     optimizer: optax.GradientTransformation,
     max_caption_length: int,
 ) -> TrainState:
-    unet_key, text_key = jax.random.split(key)
-    # The U-Net's input: the latents and any concatenated conditioning images.
-    latents = jnp.zeros((1, *model.latent_shape[:2], model.unet.in_channels), jnp.float32)
-    timesteps = jnp.zeros((1,), jnp.int32)
-    params, context, labels = {}, None, None
-    if model.conditioning == "text" and model.frozen_text_encoder:
-        context = jnp.zeros((1, max_caption_length, model.unet.context_dim), jnp.float32)
-    elif model.conditioning == "text":
-        tokens = jnp.zeros((1, max_caption_length), jnp.int32)
-        params["text_encoder"] = model.text_encoder.init(text_key, tokens)["params"]
-        context = model.text_encoder.apply({"params": params["text_encoder"]}, tokens)
-    elif model.conditioning == "class":
-        labels = jnp.zeros((1,), jnp.int32)
-    params["unet"] = model.unet.init(unet_key, latents, timesteps, context, labels)["params"]
+    """A fresh stage-2 state: the params inference loads (``init_trained_params``), their EMA
+    and the optimizer's state."""
+    params = init_trained_params(key, model=model, max_caption_length=max_caption_length)
     return create_train_state(params, optimizer)
 
 
@@ -241,7 +190,33 @@ def batch_keys(conditioning: str, encoded: bool, concat_conditioning: str = "") 
     of concatenated conditioning."""
     inputs = ("latent_mean", "latent_std") if encoded else ("image",)
     condition = {"text": ("tokens",), "class": ("label",), "none": ()}[conditioning]
-    return inputs + condition + image_conditioning.batch_keys(concat_conditioning)
+    return inputs + condition + diffusion.CONCAT_INPUT_KEYS[concat_conditioning]
+
+
+def stage_functions(
+    config: ml_collections.ConfigDict, model: LatentDiffusion
+) -> tuple[Callable, Callable]:
+    """``init_fn(key) -> state`` and ``step_fn(state, batch, key, frozen_params)`` of stage 2
+    for ``model``: what the trainer, ``ldm-jax compile`` and the tests jit."""
+    dm = config.diffusion
+    optimizer = make_optimizer(dm.train)
+    init_fn = functools.partial(
+        init_state,
+        model=model,
+        optimizer=optimizer,
+        max_caption_length=config.data.max_caption_length,
+    )
+    step_fn = functools.partial(
+        train_step,
+        model=model,
+        optimizer=optimizer,
+        ema_decay=dm.train.ema_decay,
+        cond_drop_prob=dm.cond_drop_prob,
+        min_snr_gamma=dm.min_snr_gamma or None,
+        grad_accum_steps=dm.train.grad_accum_steps,
+        parallel_microbatches=dm.train.parallel_microbatches,
+    )
+    return init_fn, step_fn
 
 
 def encode_dataset(
@@ -308,19 +283,13 @@ def train(
                 f"dataset {shapes.NUM_CLASSES}: train it on its own data "
                 "(--config.data.source=image_folder --config.data.path=...)"
             )
-    ae_params, ae_shardings, latent_scale = frozen_inputs.load_autoencoder(
-        config, workdir, mesh, rules
-    )
-    source = data_lib.make_source(config.data, config.data.train_split, config.seed)
-    tokenizer, text_encoder, frozen, frozen_shardings = frozen_inputs.load_conditioning(
+    ae_params, latent_scale = frozen_inputs.load_autoencoder(config, workdir, mesh, rules)
+    source = make_source(config.data, config.data.train_split, config.seed)
+    tokenizer, text_encoder, frozen = frozen_inputs.load_conditioning(
         config, workdir, mesh, rules, source
     )
-    frozen, frozen_shardings = (
-        {**frozen, "autoencoder": ae_params},
-        {**frozen_shardings, "autoencoder": ae_shardings},
-    )
-    model = build_model(config, tokenizer, latent_scale, text_encoder)
-    optimizer = make_optimizer(train_config)
+    frozen = {**frozen, "autoencoder": ae_params}
+    model = builders.build_model(config, tokenizer, latent_scale, text_encoder)
     encoded = config.diffusion.encode_once or bool(config.data.latent_cache)
     if config.data.latent_cache:
         source = latent_cache.open_for_training(config)
@@ -330,17 +299,17 @@ def train(
         config.data,
         source,
         batch_size=train_config.batch_size,
-        seed=config.seed + 11,
+        seed=random_streams.data_seed(config.seed, random_streams.DIFFUSION_DATA),
         mesh=mesh,
         tokenizer_json=tokenizer.to_str() if tokenizer else None,
         keys=batch_keys(config.diffusion.conditioning, encoded, dm.concat_conditioning),
         images=not encoded,
-        record_operations=image_conditioning.training_operations(
+        record_operations=data_lib.conditioning_operations(
             dm.concat_conditioning, dm.super_resolution_factor
         ),
     )
     checkpointer = Checkpointer(
-        checkpoint_dir(workdir),
+        workdir_lib.checkpoint_dir(workdir, STAGE),
         max_to_keep=config.train.max_to_keep,
         async_checkpointing=config.train.async_checkpointing,
     )
@@ -349,44 +318,17 @@ def train(
     )
     checkpointer.check_space(state, config.train.min_free_gib)
 
+    _, step_fn = stage_functions(config, model)
     step = jit_train_step(
-        functools.partial(
-            train_step,
-            model=model,
-            optimizer=optimizer,
-            ema_decay=train_config.ema_decay,
-            cond_drop_prob=config.diffusion.cond_drop_prob,
-            min_snr_gamma=config.diffusion.min_snr_gamma or None,
-            grad_accum_steps=train_config.grad_accum_steps,
-            parallel_microbatches=train_config.parallel_microbatches,
-        ),
+        step_fn,
         shardings,
         mesh,
-        frozen_shardings,
+        frozen_inputs.shardings_of(frozen),
         nonfinite=config.train.nonfinite,
     )
-    step_key = jax.random.fold_in(jax.random.key(config.seed), 12)
+    step_key = random_streams.step_key(config.seed, random_streams.DIFFUSION_STEPS)
     writer = MetricsWriter(workdir, STAGE)
-    prompts, labels = previews.preview_prompts(config)
-    preview_inputs = previews.preview_images(config)
-    options = sampling_options(config, mode="sr" if dm.concat_conditioning == "sr" else None)
-
-    def write_samples(step_number: int, current: TrainState) -> None:
-        generator = Generator(
-            model,
-            {**current.ema_params, **frozen},
-            mesh,
-            tokenizer,
-            config.data.max_caption_length,
-        )
-        conditions = generator.conditions(prompts, labels)
-        images = generator(conditions, seed=config.seed, options=options, images=preview_inputs)
-        if jax.process_index() == 0:
-            grid = save_grid(
-                images, os.path.join(workdir, "samples", f"{STAGE}_{step_number:06d}.png")
-            )
-            writer.write_images(step_number, "samples", grid)
-
+    write_samples = _preview_writer(config, workdir, model, frozen, mesh, tokenizer, writer)
     state = run_steps(
         stage=STAGE,
         config=config,
@@ -405,6 +347,40 @@ def train(
     return state
 
 
+def _preview_writer(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    model: LatentDiffusion,
+    frozen: dict,
+    mesh: Mesh,
+    tokenizer: Any,
+    writer: MetricsWriter,
+) -> Callable[[int, TrainState], None]:
+    """``write(step, state)``: the preview grid of the EMA params, as a PNG in the workdir's
+    samples and in TensorBoard (see ``pipeline.grids.preview_conditions``)."""
+    prompts, labels = grids.preview_conditions(config)
+    images = grids.preview_images(config)
+    mode = "sr" if config.diffusion.concat_conditioning == "sr" else None
+
+    def write(step_number: int, current: TrainState) -> None:
+        generator = Generator(
+            model,
+            {**current.ema_params, **frozen},
+            mesh,
+            config.sample,
+            tokenizer=tokenizer,
+            max_caption_length=config.data.max_caption_length,
+        )
+        conditions = generator.conditions(prompts, labels)
+        samples = generator(conditions, seed=config.seed, images=images, mode=mode)
+        if jax.process_index() == 0:
+            name = f"{STAGE}_{step_number:06d}.png"
+            grid = grids.save_grid(samples, os.path.join(workdir, workdir_lib.SAMPLES_DIR, name))
+            writer.write_images(step_number, "samples", grid)
+
+    return write
+
+
 def restore_or_create(
     config: ml_collections.ConfigDict,
     model: LatentDiffusion,
@@ -417,18 +393,13 @@ def restore_or_create(
 ) -> tuple[TrainState, Any]:
     """The stage-2 state: restored from ``checkpointer`` when it holds one, else fresh,
     starting from ``config.diffusion.unet.pretrained`` when that is set."""
-    init_fn = functools.partial(
-        init_state,
-        model=model,
-        optimizer=make_optimizer(config.diffusion.train),
-        max_caption_length=config.data.max_caption_length,
-    )
+    init_fn, _ = stage_functions(config, model)
     initial_params = None
     if config.diffusion.unet.pretrained and checkpointer.latest_step() is None:
         initial_params = {"unet": pretrained.initial_unet_params(config, workdir)}
     return state_lib.restore_or_create(
         init_fn,
-        state_lib.init_key(config.seed, 11, mesh.size),
+        state_lib.init_key(config.seed, random_streams.DIFFUSION_INIT, mesh.size),
         checkpointer,
         mesh,
         rules,
@@ -436,62 +407,3 @@ def restore_or_create(
         step,
         initial_params=initial_params,
     )
-
-
-def sampling_options(config: ml_collections.ConfigDict, **overrides) -> SamplingOptions:
-    s = config.sample
-    values = dict(
-        sampler=s.sampler,
-        num_steps=s.num_steps,
-        guidance_scale=float(s.guidance_scale),
-        guidance_rescale=float(s.guidance_rescale),
-        eta=float(s.eta),
-        timestep_spacing=s.timestep_spacing,
-        steps_offset=s.steps_offset,
-        set_alpha_to_one=s.set_alpha_to_one,
-    )
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return SamplingOptions(**values)
-
-
-def load_model(
-    workdir: str, mesh: Mesh, step: int | None = None, raw: bool = False
-) -> tuple[LatentDiffusion, dict, Any, ml_collections.ConfigDict]:
-    """The trained (or imported) model of a workdir, with every module's params on ``mesh``.
-
-    Args:
-      workdir: a workdir written by ``ldm-jax train`` or ``ldm-jax import``.
-      mesh: where to put the params.
-      step: the stage-2 checkpoint step (default: the newest).
-      raw: the online params instead of their EMA.
-
-    Returns:
-      (model, params {"unet", "autoencoder", maybe "text_encoder"}, tokenizer, config).
-    """
-    config = config_lib.load_workdir_config(workdir)
-    rules = mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
-    checkpointer = Checkpointer(checkpoint_dir(workdir), async_checkpointing=False)
-    if checkpointer.latest_step() is None and not config.diffusion.unet.pretrained:
-        raise FileNotFoundError(
-            f"no stage-2 checkpoint in {checkpointer.directory}: train the "
-            "diffusion stage first (ldm-jax train)"
-        )
-    ae_params, _, latent_scale = frozen_inputs.load_autoencoder(config, workdir, mesh, rules)
-    tokenizer, text_encoder, frozen, _ = frozen_inputs.load_conditioning(
-        config, workdir, mesh, rules
-    )
-    model = build_model(config, tokenizer, latent_scale, text_encoder)
-    state, _ = restore_or_create(
-        config, model, checkpointer, mesh, rules, step=step, workdir=workdir
-    )
-    checkpointer.close()
-    log.info("loaded stage-2 step %d from %s", int(state.step), workdir)
-    trained = state.params if raw else state.ema_params
-    return model, {**trained, **frozen, "autoencoder": ae_params}, tokenizer, config
-
-
-def load_generator(workdir: str, mesh: Mesh, step: int | None = None) -> tuple[Generator, Any]:
-    """A Generator with the EMA params of a trained workdir (``step``: default the newest)."""
-    model, params, tokenizer, config = load_model(workdir, mesh, step)
-    generator = Generator(model, params, mesh, tokenizer, config.data.max_caption_length)
-    return generator, config

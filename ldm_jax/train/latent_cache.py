@@ -27,16 +27,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from ldm_jax import builders
 from ldm_jax import config as config_lib
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data import latent_cache, pipeline
 from ldm_jax.data.transforms import ResizeAndCrop
-from ldm_jax.generate import pixels_from_uint8
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
-from ldm_jax.train import autoencoder as autoencoder_stage
-from ldm_jax.train import data as data_lib
+from ldm_jax.pipeline import builders
+from ldm_jax.pipeline import workdir as workdir_lib
+from ldm_jax.pipeline.datasets import make_source
+from ldm_jax.pipeline.model import pixels_from_uint8
 from ldm_jax.train import frozen
 
 log = logging.getLogger(__name__)
@@ -184,9 +184,10 @@ def cache_description(
     if config.autoencoder.pretrained:
         autoencoder, step = {"kind": kind, "pretrained": config.autoencoder.pretrained}, None
     else:
-        ae_workdir = os.path.abspath(frozen.autoencoder_workdir(config, workdir))
+        ae_workdir = os.path.abspath(workdir_lib.autoencoder_workdir(config, workdir))
         checkpointer = Checkpointer(
-            autoencoder_stage.checkpoint_dir(ae_workdir), async_checkpointing=False
+            workdir_lib.checkpoint_dir(ae_workdir, workdir_lib.AUTOENCODER),
+            async_checkpointing=False,
         )
         step = checkpointer.latest_step()
         checkpointer.close()
@@ -275,7 +276,7 @@ def cache_latents(
       FileExistsError: if ``out_dir`` holds something else.
     """
     split = split or config.data.train_split
-    source = data_lib.make_source(config.data, split, config.seed)
+    source = make_source(config.data, split, config.seed)
     if len(source) == 0:
         raise ValueError(f"config.data split {split!r} holds no records to encode")
     description = cache_description(config, workdir, split, len(source))
@@ -283,7 +284,7 @@ def cache_latents(
     if existing is not None:
         log.info("%s already holds this latent cache (%d records)", out_dir, len(source))
         return existing
-    ae_params, _, latent_scale = frozen.load_autoencoder(config, workdir, mesh, rules)
+    ae_params, latent_scale = frozen.load_autoencoder(config, workdir, mesh, rules)
     multihost_utils.sync_global_devices("latent_cache_out_dir_ready")
 
     records = encode_source(

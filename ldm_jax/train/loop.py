@@ -17,13 +17,12 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.config.schema import NONFINITE_POLICIES
 from ldm_jax.parallel import distributed, sharding
 from ldm_jax.train.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
 
-
-NONFINITE_POLICIES = ("halt", "skip")
 SKIPPED = "nonfinite_skipped"
 
 

@@ -39,7 +39,9 @@ def train(
         jax.process_count(),
     )
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        with open(
+            os.path.join(workdir, config_lib.WORKDIR_CONFIG_FILE), "w", encoding="utf-8"
+        ) as f:
             f.write(config_lib.to_json(config))
     stages = {"autoencoder": autoencoder, "diffusion": diffusion}
     for name in ("autoencoder", "diffusion"):

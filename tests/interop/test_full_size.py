@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_jax import builders
 from ldm_jax.interop import diffusers as diffusers_interop
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline import builders
 from tests.conftest import load_config
 
 SD15_UNET_PARAMETERS = 859_520_964

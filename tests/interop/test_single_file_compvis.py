@@ -207,8 +207,10 @@ def test_class_conditional_ldm_file_imports_samples_and_exports(tmp_path):
     assert config["data"]["num_classes"] == NUM_CLASSES
 
     grid = tmp_path / "grid.png"
-    result = run_cli("sample", f"--workdir={workdir}", "--label=1", "--num=2", "--steps=2",
-                     f"--out={grid}")  # fmt: skip
+    result = run_cli(
+        "sample", f"--workdir={workdir}", "--label=1", "--num_per_prompt=2", "--steps=2",
+        f"--out={grid}",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert grid.is_file()
 

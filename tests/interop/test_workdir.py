@@ -14,12 +14,10 @@ import torch
 import transformers
 from PIL import Image
 
-from ldm_jax.generate import SamplingOptions
 from ldm_jax.interop import single_file
 from ldm_jax.interop.diffusers import load_diffusers_unet
-from ldm_jax.interop.workdir import export_workdir, import_model
-from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.train.diffusion import load_generator
+from ldm_jax.pipeline.import_export import export_workdir, import_model
+from ldm_jax.pipeline.load import load_generator
 from ldm_jax.train.run import train
 from tests.conftest import load_config
 from tests.interop.test_clip_interop import write_byte_level_tokenizer
@@ -128,8 +126,7 @@ def test_import_writes_a_config_describing_the_pipeline(workdir):
 def test_imported_workdir_predicts_as_the_diffusers_pipeline(pipeline_dir, workdir):
     """Tokenizer, CLIP, guidance and U-Net together: one guided prediction, both ways."""
     _, reference = pipeline_dir
-    mesh = mesh_lib.create_mesh(data=-1, fsdp=1, tensor=1)
-    generator, _ = load_generator(str(workdir), mesh)
+    generator = load_generator(str(workdir))
     model, params = generator.model, generator.params
     tokens = generator.conditions(PROMPTS)
     latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
@@ -149,7 +146,7 @@ def test_imported_workdir_predicts_as_the_diffusers_pipeline(pipeline_dir, workd
         guided = unconditional + 7.5 * (conditional - unconditional)
     np.testing.assert_allclose(ours, guided.permute(0, 2, 3, 1).numpy(), atol=5e-4)
 
-    images = generator(tokens, seed=0, options=SamplingOptions(num_steps=2, guidance_scale=7.5))
+    images = generator(tokens, seed=0, num_steps=2, guidance_scale=7.5)
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
 
 
@@ -173,7 +170,7 @@ def test_export_to_one_safetensors_file_loads_back(workdir, tmp_path):
     export_workdir(str(workdir), "safetensors", str(out))
     # A single file stores no head counts; these tiny models have 4 of 8 wide.
     components = single_file.load_single_file(str(out), num_heads=4, text_encoder_heads=4)
-    generator, _ = load_generator(str(workdir), mesh_lib.create_mesh(data=-1, fsdp=1, tensor=1))
+    generator = load_generator(str(workdir))
     for name, ours in (("unet", "unet"), ("vae", "autoencoder")):
         flat = jax.tree.leaves(components[name].params)
         expected = jax.tree.leaves(jax.device_get(generator.params[ours]))
@@ -217,11 +214,10 @@ def test_imported_workdir_fine_tunes_from_its_weights(workdir, tmp_path):
     config.data.source, config.data.path = "image_folder", str(images)
     config.diffusion.train.update(steps=1, batch_size=8, learning_rate=1e-4, warmup_steps=1)
     config.train.sample_every = 0
-    config.sample.update(num=2, num_steps=2)
+    config.sample.update(num_per_prompt=2, num_steps=2)
     assert train(config, str(run))
 
-    mesh = mesh_lib.create_mesh(data=-1, fsdp=1, tensor=1)
-    generator, _ = load_generator(str(run), mesh)
+    generator = load_generator(str(run))
     tuned = jax.tree.leaves(jax.device_get(generator.params["unet"]))
     imported = jax.tree.leaves(load_diffusers_unet(str(workdir / "unet")).params)
     changes = [np.max(np.abs(a - b)) for a, b in zip(tuned, imported, strict=True)]

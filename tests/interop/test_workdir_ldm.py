@@ -15,10 +15,9 @@ from PIL import Image
 from ldm_jax.interop.convert import ImportedModel
 from ldm_jax.interop.diffusers import load_diffusers_unet
 from ldm_jax.interop.safetensors_io import read_safetensors
-from ldm_jax.interop.workdir import export_diffusers, export_workdir, import_model
 from ldm_jax.models import UNet
-from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.train.diffusion import load_generator
+from ldm_jax.pipeline.import_export import export_diffusers, export_workdir, import_model
+from ldm_jax.pipeline.load import load_generator
 from ldm_jax.train.run import train
 from tests.conftest import load_config, run_cli
 from tests.interop.test_diffusers import randomized
@@ -77,7 +76,7 @@ def workdir(pipeline_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("imported") / "run"
     result = run_cli("import", "--from=diffusers", str(pipeline_dir[0]), f"--workdir={path}")
     assert result.returncode == 0, result.stderr
-    assert f"ldm-jax sample --workdir={path} --num=4`" in result.stdout
+    assert f"ldm-jax sample --workdir={path} --num_per_prompt=4`" in result.stdout
     return path
 
 
@@ -99,7 +98,7 @@ def test_import_writes_an_unconditional_vq_workdir(workdir):
 
 def test_imported_workdir_predicts_and_decodes_as_the_pipeline(pipeline_dir, workdir):
     _, reference = pipeline_dir
-    generator, _ = load_generator(str(workdir), mesh_lib.create_mesh(data=-1, fsdp=1, tensor=1))
+    generator = load_generator(str(workdir))
     model, params = generator.model, generator.params
     assert model.latent_scale == SCALING_FACTOR
     latents = np.random.default_rng(0).standard_normal((2, LATENT_SIZE, LATENT_SIZE, 3))
@@ -124,7 +123,9 @@ def test_imported_workdir_predicts_and_decodes_as_the_pipeline(pipeline_dir, wor
 
 def test_sample_draws_from_the_unconditional_workdir(workdir, tmp_path):
     out = tmp_path / "grid.png"
-    result = run_cli("sample", f"--workdir={workdir}", "--num=4", "--steps=2", f"--out={out}")
+    result = run_cli(
+        "sample", f"--workdir={workdir}", "--num_per_prompt=4", "--steps=2", f"--out={out}"
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote 4 samples" in result.stdout
     width, height = Image.open(out).size  # one row of 4, with the grid's padding
@@ -176,7 +177,7 @@ def test_imported_workdir_fine_tunes_from_its_weights(workdir, tmp_path):
     config.train.sample_every = 0
     assert train(config, str(run))
 
-    generator, _ = load_generator(str(run), mesh_lib.create_mesh(data=-1, fsdp=1, tensor=1))
+    generator = load_generator(str(run))
     tuned = jax.tree.leaves(jax.device_get(generator.params["unet"]))
     imported = jax.tree.leaves(load_diffusers_unet(str(workdir / "unet")).params)
     changes = [np.max(np.abs(a - b)) for a, b in zip(tuned, imported, strict=True)]

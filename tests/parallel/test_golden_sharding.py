@@ -15,10 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax import builders
 from ldm_jax.models.layers import LOGICAL_AXIS_NAMES
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline import builders
 from tests.conftest import load_config
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "sd15_unet_2x2x2.json"

@@ -15,23 +15,22 @@ import copy
 import functools
 import io
 import math
-import signal
-import sys
 import tempfile
 import types
 
 import jax
 import ml_collections
 import pytest
-from absl import flags
-from conftest import load_config
+from conftest import cli_session, load_config
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ldm_jax import cli, config_checks
+from ldm_jax import cli
 from ldm_jax import config as config_lib
+from ldm_jax.config import schema
 from ldm_jax.diffusion import PREDICTION_TYPES, SAMPLERS, SCHEDULE_KINDS, TIMESTEP_SPACINGS
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline.generator import sampling_options
 from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import compile as compile_lib
 from ldm_jax.train import diffusion as diffusion_stage
@@ -67,13 +66,13 @@ USER_KEYS = tuple(sorted(_leaf_keys(config_lib.base_config().to_dict())))
 # Names the choice keys accept, so that a drawn string is sometimes a valid other choice.
 CHOICE_WORDS = sorted(
     {
-        *config_checks.STAGES,
-        *config_checks.SOURCES,
-        *config_checks.CONDITIONINGS,
-        *config_checks.TEXT_ENCODER_KINDS,
-        *config_checks.DTYPES,
-        *config_checks.AUTOENCODER_KINDS,
-        *config_checks.PIXEL_LOSSES,
+        *schema.STAGES,
+        *schema.SOURCES,
+        *schema.CONDITIONINGS,
+        *schema.TEXT_ENCODER_KINDS,
+        *schema.DTYPES,
+        *schema.AUTOENCODER_KINDS,
+        *schema.PIXEL_LOSSES,
         *SAMPLERS,
         *SCHEDULE_KINDS,
         *TIMESTEP_SPACINGS,
@@ -160,7 +159,7 @@ def _abstract_stage(stage: str, config, workdir, mesh, rules, should_stop=None):
     init_fn, *_ = compile_lib.stage_program(config, mesh, rules, stage)
     sharding.abstract_state(init_fn, mesh, rules, state_lib.init_key(config.seed, 1, mesh.size))
     if stage == "diffusion":
-        diffusion_stage.sampling_options(config)
+        sampling_options(config.sample)
     return types.SimpleNamespace(step=config[stage].train.steps)
 
 
@@ -377,28 +376,11 @@ COMMAND_LINES = st.one_of(
 )
 
 
-@contextlib.contextmanager
-def _cli_session(argv: list[str]):
-    """``sys.argv`` (ml_collections reads the overrides there), fresh flags, no signal
-    handlers for the test process and the package logger as it was."""
-    logger_handlers = list(cli.logging.getLogger("ldm_jax").handlers)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", argv)
-        patch.setattr(signal, "signal", lambda *args: None)
-        try:
-            yield
-        finally:
-            for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-                delattr(flags.FLAGS, name)
-            flags.FLAGS.unparse_flags()
-            cli.logging.getLogger("ldm_jax").handlers[:] = logger_handlers
-
-
 def _run_cli(args: list[str]) -> tuple[int, str]:
     """``ldm-jax train ARGS`` as ``app.run`` calls it; returns (exit code, stderr)."""
     argv = ["ldm-jax", "train", *args]
     stderr = io.StringIO()
-    with _cli_session(argv), _stages_stop_before_training():
+    with cli_session(argv), _stages_stop_before_training():
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             try:
                 cli.main(cli._parse_flags(argv))

@@ -25,6 +25,7 @@ from ldm_jax.data.image_folder import ImageFolderSource
 from ldm_jax.data.tokenizer import UNK_ID
 from ldm_jax.data.transforms import ResizeAndCrop
 from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.pipeline.datasets import make_source
 from ldm_jax.train import data as data_lib
 
 IMAGE_SIZE = 32
@@ -135,7 +136,7 @@ def _data_config(path) -> ml_collections.ConfigDict:
 
 def test_unreadable_files_are_skipped_and_counted_with_an_example(mixed_folder, caplog):
     with caplog.at_level(logging.WARNING, logger="ldm_jax"):
-        source = data_lib.make_source(_data_config(mixed_folder), "train", seed=0)
+        source = make_source(_data_config(mixed_folder), "train", seed=0)
     assert source.num_unreadable == len(UNREADABLE)
     assert len(source) == len(CONVERTIBLE) + len(UNDECODABLE)
     (warning,) = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
@@ -144,7 +145,7 @@ def test_unreadable_files_are_skipped_and_counted_with_an_example(mixed_folder, 
 
 
 def test_every_convertible_image_becomes_rgb_of_the_configured_size(mixed_folder, caplog):
-    source = data_lib.make_source(_data_config(mixed_folder), "train", seed=0)
+    source = make_source(_data_config(mixed_folder), "train", seed=0)
     resize = ResizeAndCrop(IMAGE_SIZE, random_crop=False)
     seen = set()
     with caplog.at_level(logging.WARNING, logger="ldm_jax"):
@@ -164,7 +165,7 @@ def test_every_convertible_image_becomes_rgb_of_the_configured_size(mixed_folder
 
 def test_training_batches_from_a_folder_of_bad_files_are_whole(mixed_folder):
     data = _data_config(mixed_folder)
-    source = data_lib.make_source(data, "train", seed=0)
+    source = make_source(data, "train", seed=0)
     _, batches = data_lib.make_batches(
         data, source, batch_size=8, seed=0, mesh=mesh_lib.create_mesh(data=-1)
     )
@@ -214,7 +215,7 @@ def test_a_folder_without_a_readable_image_is_one_clear_error(tmp_path, files):
     folder = _write_folder(tmp_path / "images", files, captions=False)
     (folder / "empty_subfolder").mkdir()
     with pytest.raises(ValueError) as error:
-        data_lib.make_source(_data_config(folder), "train", seed=0)
+        make_source(_data_config(folder), "train", seed=0)
     message = str(error.value)
     assert "no readable image" in message and str(folder) in message, message
     assert "--config.data.path" in message, message

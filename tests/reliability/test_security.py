@@ -20,7 +20,6 @@ import torch
 from conftest import ROOT
 
 from ldm_jax import config as config_lib
-from ldm_jax import pretrained
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data import latent_cache
 from ldm_jax.data.clip_tokenizer import ClipTokenizer
@@ -33,8 +32,9 @@ from ldm_jax.interop.convert import WeightsMismatchError
 from ldm_jax.interop.diffusers import load_diffusers_vae, save_diffusers_vae
 from ldm_jax.interop.safetensors_io import PickleRefusedError, read_safetensors, write_safetensors
 from ldm_jax.interop.single_file import load_single_file
-from ldm_jax.interop.workdir import import_model
 from ldm_jax.models import AutoencoderKL
+from ldm_jax.pipeline import pretrained
+from ldm_jax.pipeline.import_export import import_model
 
 # ---------------------------------------------------------------------------------------------
 # Static scan

@@ -12,14 +12,15 @@ import jax
 import numpy as np
 import pytest
 
-from ldm_jax import builders
 from ldm_jax import config as config_lib
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data import shapes
 from ldm_jax.data.latent_cache import LatentCacheSource
 from ldm_jax.evaluate.first_stage import evaluate_workdir
-from ldm_jax.generate import pixels_from_uint8
 from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.pipeline import builders
+from ldm_jax.pipeline import workdir as workdir_lib
+from ldm_jax.pipeline.model import pixels_from_uint8
 from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import frozen, run
 from ldm_jax.train.latent_cache import cache_latents
@@ -51,7 +52,7 @@ def _one_device():
 def _stage1_checkpoint(config, workdir):
     """A stage-1 checkpoint, untrained: the cache needs the encoder's weights, not quality."""
     checkpointer = Checkpointer(
-        autoencoder_stage.checkpoint_dir(workdir), async_checkpointing=False
+        workdir_lib.checkpoint_dir(workdir, workdir_lib.AUTOENCODER), async_checkpointing=False
     )
     state, _ = autoencoder_stage.restore_or_create(config, checkpointer, _one_device(), RULES)
     step = np.asarray(STAGE1_STEP, state.step.dtype)
@@ -70,7 +71,7 @@ def stage1(tmp_path_factory):
 def reference(stage1):
     """The encoder's means and stds of the whole split, computed on one device."""
     config, workdir = stage1
-    params, _, _ = frozen.load_autoencoder(config, workdir, _one_device(), RULES)
+    params, _ = frozen.load_autoencoder(config, workdir, _one_device(), RULES)
     model = builders.build_autoencoder(config)
     source = shapes.ShapesSource("train", image_size=32, num_examples=NUM_RECORDS)
     images = np.stack([source[i]["image"] for i in range(NUM_RECORDS)])
@@ -112,7 +113,7 @@ def test_cache_holds_every_record_once_as_a_one_device_encode(cached, reference)
 def test_metadata_describes_the_cache(stage1, cached):
     config, workdir = stage1
     out, _, metadata = cached
-    with open(f"{workdir}/{autoencoder_stage.LATENT_SCALE_FILE}", encoding="utf-8") as f:
+    with open(f"{workdir}/{workdir_lib.LATENT_SCALE_FILE}", encoding="utf-8") as f:
         latent_scale = json.load(f)["latent_scale"]
     cache = LatentCacheSource(out)
     assert metadata == cache.metadata
@@ -170,7 +171,7 @@ def test_a_vq_cache_stores_the_codes_over_an_unfinished_cache(tmp_path):
     cache = LatentCacheSource(str(out))
     codes = np.stack([cache[i]["codes"] for i in range(NUM_RECORDS)])
     assert codes.dtype == np.int32 and codes.shape == (NUM_RECORDS, 16, 16)
-    params, _, _ = frozen.load_autoencoder(config, workdir, _one_device(), RULES)
+    params, _ = frozen.load_autoencoder(config, workdir, _one_device(), RULES)
     model = builders.build_autoencoder(config)
     source = shapes.ShapesSource("train", image_size=32, num_examples=NUM_RECORDS)
     images = pixels_from_uint8(np.stack([source[i]["image"] for i in range(NUM_RECORDS)]))
@@ -263,7 +264,7 @@ def test_reconstruction_evaluation_of_a_workdir(stage1, reference, tmp_path):
     config, workdir = stage1
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config_lib.to_json(config))
-    results = evaluate_workdir(workdir, mesh_lib.create_mesh(), str(tmp_path), num_images=10)
+    results = evaluate_workdir(workdir, str(tmp_path), num_images=10)
     assert results["num_images"] == 10 and results["step"] == STAGE1_STEP
     assert 0 < results["psnr"] < 100 and -1 <= results["ssim"] <= 1
     assert "lpips" not in results  # no LPIPS weights in the config

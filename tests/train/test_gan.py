@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax.config import schema
 from ldm_jax.models.layers import conv
 from ldm_jax.train.gan import (
     DISCRIMINATOR_LOSSES,
@@ -60,6 +61,8 @@ def test_discriminator_losses_are_named_for_the_config():
         "hinge": hinge_discriminator_loss,
         "vanilla": vanilla_discriminator_loss,
     }
+    # Every value config.autoencoder.loss.disc_loss may take has its loss, and no other.
+    assert tuple(DISCRIMINATOR_LOSSES) == schema.DISCRIMINATOR_LOSSES
 
 
 def test_generator_loss_is_minus_the_mean_logit():

@@ -12,6 +12,7 @@ from ldm_jax import config as config_lib
 from ldm_jax.data import shapes, tokenizer
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline import builders
 from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import diffusion as diffusion_stage
 
@@ -36,7 +37,7 @@ def _step(config, mesh, *, grad_accum_steps=1, parallel=False, remat="none", dty
     config.diffusion.unet.remat = remat
     config.dtype = dtype
     tok, batch = _inputs(config.data.image_size, config.data.max_caption_length)
-    model = diffusion_stage.build_model(config, tok, latent_scale=0.8)
+    model = builders.build_model(config, tok, latent_scale=0.8)
     optimizer = optax.sgd(1.0)
     init_fn = functools.partial(
         diffusion_stage.init_state,
@@ -126,7 +127,7 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(tiny_config):
 
 
 def test_optimizer_state_is_sharded_like_the_params(tiny_config):
-    model = diffusion_stage.build_model(
+    model = builders.build_model(
         tiny_config, _inputs(32, tiny_config.data.max_caption_length)[0], latent_scale=1.0
     )
     init_fn = functools.partial(

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from conftest import StopAtCall
 
-from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.train import diffusion as diffusion_stage
+from ldm_jax.pipeline.load import load_generator
 from ldm_jax.train.run import train
 
 
@@ -19,8 +18,7 @@ def _losses(workdir, stage):
 
 
 def _sampling_params(workdir):
-    mesh = mesh_lib.create_mesh(data=-1)
-    generator, _ = diffusion_stage.load_generator(str(workdir), mesh)
+    generator = load_generator(str(workdir))
     return jax.tree.map(np.asarray, generator.params)
 
 

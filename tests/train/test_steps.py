@@ -9,6 +9,7 @@ import pytest
 from ldm_jax.data import shapes, tokenizer
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline import builders
 from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import diffusion as diffusion_stage
 from ldm_jax.train.state import make_optimizer
@@ -23,7 +24,7 @@ def _images(config, n):
 
 def _diffusion_setup(config):
     tok = tokenizer.build_word_tokenizer(shapes.caption_vocabulary())
-    model = diffusion_stage.build_model(config, tok, latent_scale=0.8)
+    model = builders.build_model(config, tok, latent_scale=0.8)
     batch_size = config.diffusion.train.batch_size
     source = shapes.ShapesSource("train", image_size=config.data.image_size)
     captions = [source[i]["caption"] for i in range(batch_size)]

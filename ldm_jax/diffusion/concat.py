@@ -8,43 +8,29 @@
   latent_channels + 3 channels, the LDM / Stable Diffusion x4 upscaler layout.
 - "": none.
 
-Training and sampling build the concatenated inputs with the same ``concat_condition``.
+Training and sampling build the concatenated inputs with the same ``concat_condition``; the
+data transforms that add a training record's conditioning images are the data layer's
+(``ldm_jax.data.masks``, ``ldm_jax.data.degradation``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import grain
 import jax
 import jax.numpy as jnp
 
-from ldm_jax import diffusion
-from ldm_jax.data import degradation, masks
+from ldm_jax.diffusion.inpainting import latent_mask
 
 CONCAT_CONDITIONINGS = ("", "inpaint", "sr")
-# Every key of the image inputs, and the ones a training batch adds to "image" for each kind.
+# Every key of the image inputs, and the ones a batch adds to "image" for each kind.
 IMAGE_KEYS = ("image", "mask", "low_res")
-_INPUT_KEYS = {"": (), "inpaint": ("mask",), "sr": ("low_res",)}
+CONCAT_INPUT_KEYS = {"": (), "inpaint": ("mask",), "sr": ("low_res",)}
 
 
 def concat_channels(kind: str, latent_channels: int) -> int:
     """Channels the U-Net input gains from the concatenated conditioning of ``kind``."""
     return {"": 0, "inpaint": latent_channels + 1, "sr": 3}[kind]
-
-
-def batch_keys(kind: str) -> tuple[str, ...]:
-    """The keys a training batch holds for ``kind`` besides its images."""
-    return _INPUT_KEYS[kind]
-
-
-def training_operations(kind: str, super_resolution_factor: int) -> list[grain.transforms.Map]:
-    """The data transforms that add a training record's conditioning images."""
-    if kind == "inpaint":
-        return [masks.AddInpaintingMask()]
-    if kind == "sr":
-        return [degradation.AddLowResolution(super_resolution_factor)]
-    return []
 
 
 def concat_condition(
@@ -76,4 +62,4 @@ def concat_condition(
         pixels = jnp.zeros((batch, height * factor, width * factor, 3), jnp.float32)
         mask = jnp.ones((batch, height * factor, width * factor, 1), jnp.float32)
     masked_latents = encode(pixels * (1.0 - mask))
-    return jnp.concatenate([diffusion.latent_mask(mask, factor), masked_latents], axis=-1)
+    return jnp.concatenate([latent_mask(mask, factor), masked_latents], axis=-1)

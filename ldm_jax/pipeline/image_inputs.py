@@ -12,8 +12,6 @@ from PIL import Image
 from ldm_jax.data import masks
 
 CLI_MODES = ("txt2img", "img2img", "inpaint", "outpaint", "sr")
-# diffusers' img2img default; inpainting regenerates the masked region from noise.
-DEFAULT_STRENGTH = {"img2img": 0.8}
 
 
 def read_image(path: str | None, flag: str, mode: str) -> np.ndarray:

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from ldm_jax import builders
 from ldm_jax import config as config_lib
 from ldm_jax.data.clip_tokenizer import ClipTokenizer
 from ldm_jax.interop import clip as clip_interop
@@ -27,11 +26,8 @@ from ldm_jax.interop import diffusers as diffusers_interop
 from ldm_jax.interop import single_file
 from ldm_jax.interop.convert import ImportedModel
 from ldm_jax.parallel import sharding
-
-
-def resolve(workdir: str, path: str) -> str:
-    """`path` as given when absolute, else inside `workdir`."""
-    return path if os.path.isabs(path) else os.path.join(workdir, path)
+from ldm_jax.pipeline import builders
+from ldm_jax.pipeline.workdir import resolve
 
 
 def _read(path: str, part: str) -> ImportedModel:
@@ -64,7 +60,8 @@ def _check_fields(what: str, key: str, loaded: nn.Module, expected: nn.Module, f
 
 
 def place(params: Any, module: nn.Module, mesh: Mesh, rules, *init_args) -> tuple[Any, Any]:
-    """Puts host `params` of `module` on the mesh with the shardings its axis names give.
+    """Puts host `params` of `module` on the mesh with the shardings its axis names give
+    (each device receives only its shards).
 
     Returns:
       (params, shardings).

@@ -13,7 +13,20 @@ import os
 
 import ml_collections
 
-from ldm_jax.config_values import (
+from ldm_jax.config.schema import (
+    AUTOENCODER_KINDS,
+    CONDITIONINGS,
+    DISCRIMINATOR_LOSSES,
+    DTYPES,
+    NONFINITE_POLICIES,
+    PIXEL_LOSSES,
+    SOURCES,
+    STAGES,
+    TEXT_ENCODER_KINDS,
+    autoencoder_factor,
+    mesh_sizes,
+)
+from ldm_jax.config.values import (
     MAX_COUNT,
     MAX_DEPTH,
     MAX_IMAGE_SIZE,
@@ -33,39 +46,19 @@ from ldm_jax.config_values import (
     text,
 )
 from ldm_jax.diffusion import (
+    CONCAT_CONDITIONINGS,
     PREDICTION_TYPES,
     SAMPLERS,
     SCHEDULE_KINDS,
     TIMESTEP_SPACINGS,
     sampler_timesteps,
 )
-from ldm_jax.image_conditioning import CONCAT_CONDITIONINGS
 from ldm_jax.models import DISCRIMINATOR_NORMS
 from ldm_jax.models.unet import ATTENTION_TYPES as UNET_ATTENTION_TYPES
 from ldm_jax.models.unet import REMAT_POLICIES
 from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.train.gan import DISCRIMINATOR_LOSSES
-from ldm_jax.train.loop import NONFINITE_POLICIES
 
-STAGES = ("both", "autoencoder", "diffusion")
-SOURCES = ("shapes", "image_folder", "tfds")
-CONDITIONINGS = ("text", "class", "none")
-TEXT_ENCODER_KINDS = ("scratch", "clip")
-DTYPES = ("float32", "bfloat16")
-AUTOENCODER_KINDS = ("kl", "vq")
-PIXEL_LOSSES = ("l1", "l2")
-MESH_KEYS = ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor")
 OPTIMIZER_STAGES = ("autoencoder", "diffusion")
-
-
-def autoencoder_factor(config: ml_collections.ConfigDict) -> int:
-    """Spatial downsampling factor f of the autoencoder."""
-    return 2 ** (len(config.autoencoder.model.block_out_channels) - 1)
-
-
-def mesh_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
-    """The ``config.mesh`` sizes, as ``mesh.create_mesh`` and ``mesh.mesh_shape`` take them."""
-    return {key: config.mesh[key] for key in MESH_KEYS}
 
 
 def _check_mesh(config: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -188,7 +181,7 @@ def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
         number(config, f"{loss}.{name}", 0.0)
     boolean(config, f"{loss}.learn_logvar")
     integer(config, f"{loss}.disc_start", 0)
-    choice(config, f"{loss}.disc_loss", tuple(DISCRIMINATOR_LOSSES))
+    choice(config, f"{loss}.disc_loss", DISCRIMINATOR_LOSSES)
     layers = integer(config, f"{loss}.disc_num_layers", 1, MAX_DEPTH)
     integer(config, f"{loss}.disc_channels", 1, MAX_WIDTH)
     choice(config, f"{loss}.disc_norm", DISCRIMINATOR_NORMS)
@@ -357,7 +350,7 @@ def _check_sample(config: ml_collections.ConfigDict) -> None:
     spacing = choice(config, "sample.timestep_spacing", TIMESTEP_SPACINGS)
     offset = integer(config, "sample.steps_offset", 0, MAX_TIMESTEPS)
     boolean(config, "sample.set_alpha_to_one")
-    integer(config, "sample.num", 1, 4096)
+    integer(config, "sample.num_per_prompt", 1, 4096)
     try:
         sampler_timesteps(num_timesteps, sampler, num_steps, spacing, offset)
     except ValueError as e:

@@ -1,14 +1,19 @@
-"""Builders: the one place where config values become module fields."""
+"""Builders: the one place where config values become module fields, and the modules of a
+config become the latent diffusion model."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from ldm_jax.config import num_classes
-from ldm_jax.diffusion import NoiseSchedule, make_schedule
-from ldm_jax.image_conditioning import concat_channels
+from ldm_jax.config import latent_shape, num_classes
+from ldm_jax.data import tokenizer as tokenizer_lib
+from ldm_jax.diffusion import NoiseSchedule, concat_channels, make_schedule
 from ldm_jax.models import AutoencoderKL, NLayerDiscriminator, TextEncoder, UNet, VQAutoencoder
+from ldm_jax.pipeline.model import LatentDiffusion
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
@@ -20,7 +25,7 @@ def build_autoencoder(
 ) -> AutoencoderKL | VQAutoencoder:
     """The stage-1 autoencoder. Outside stage-1 training (``training=False``) a VQ model is
     a plain codebook lookup: its codebook (EMA or restarted codes included) is in its params,
-    as ``train.autoencoder.inference_params`` gives them."""
+    as ``pipeline.load.load_autoencoder`` gives them."""
     m = config.autoencoder.model
     shared = dict(
         block_out_channels=tuple(m.block_out_channels),
@@ -109,3 +114,42 @@ def build_text_encoder(config: ml_collections.ConfigDict, vocab_size: int) -> Te
 def build_schedule(config: ml_collections.ConfigDict) -> NoiseSchedule:
     dm = config.diffusion
     return make_schedule(dm.schedule, dm.num_timesteps, dm.beta_start, dm.beta_end)
+
+
+def build_model(
+    config: ml_collections.ConfigDict,
+    tokenizer: Any,
+    latent_scale: float,
+    text_encoder: Any = None,
+) -> LatentDiffusion:
+    """The stage-2 model of ``config``.
+
+    Args:
+      config: the run's config.
+      tokenizer: the `tokenizers.Tokenizer` of text conditioning, else None.
+      latent_scale: the autoencoder's latent scale factor.
+      text_encoder: a pretrained (frozen) text encoder module; None builds the config's
+        from-scratch encoder.
+    """
+    conditioning = config.diffusion.conditioning
+    null_condition = np.zeros((), np.int32)
+    if conditioning == "text":
+        if text_encoder is None:
+            text_encoder = build_text_encoder(config, tokenizer.get_vocab_size())
+        null_condition = tokenizer_lib.encode(tokenizer, [""], config.data.max_caption_length)[0]
+    elif conditioning == "class":
+        null_condition = np.asarray(num_classes(config), np.int32)
+    return LatentDiffusion(
+        frozen_text_encoder=config.diffusion.text_encoder.kind == "clip",
+        unet=build_unet(config),
+        autoencoder=build_autoencoder(config),
+        text_encoder=text_encoder,
+        schedule=build_schedule(config),
+        conditioning=conditioning,
+        null_condition=null_condition,
+        latent_shape=latent_shape(config),
+        latent_scale=latent_scale,
+        prediction_type=config.diffusion.prediction_type,
+        concat_conditioning=config.diffusion.concat_conditioning,
+        super_resolution_factor=config.diffusion.super_resolution_factor,
+    )

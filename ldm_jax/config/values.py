@@ -1,5 +1,5 @@
 """Reading one config value with its type and range checked: the building blocks of
-``config_checks.validate``.
+``checks.validate``.
 
 Each reader takes the config and a dotted key (``"diffusion.train.batch_size"``) and returns the
 value, or raises ``ConfigError`` in one line naming ``config.<key>``, the value and what is
@@ -36,7 +36,7 @@ def lookup(config: Any, key: str) -> Any:
         except (KeyError, IndexError, TypeError):  # no such key, or not a sub-config
             raise ConfigError(
                 f"config.{key} is missing; the keys and their defaults are those of "
-                "ldm_jax/config.py:base_config"
+                "ldm_jax/config/schema.py:base_config"
             ) from None
     return node
 

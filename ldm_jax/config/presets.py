@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from ldm_jax import config as config_lib
+from ldm_jax.config import schema
 
 # kind, channels per level (ch x ch_mult), latent channels (z_channels = embed_dim), levels
 # with attention (attn_resolutions at 256x256), codebook size, GAN start and weight.
@@ -67,7 +67,7 @@ def first_stage_config(name: str, variant: str | None) -> ml_collections.ConfigD
             f"none (full size) or {', '.join(VARIANTS)}"
         )
     spec = _COMPVIS[name]
-    config = config_lib.base_config()
+    config = schema.base_config()
     config.stage = "autoencoder"
     ae = config.autoencoder
     ae.kind = spec["kind"]

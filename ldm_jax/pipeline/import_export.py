@@ -1,4 +1,5 @@
-"""`ldm-jax import` and `ldm-jax export`: between workdirs and other formats.
+"""`ldm-jax import` and `ldm-jax export`: between workdirs and the weight formats of
+``ldm_jax.interop``.
 
 An imported workdir holds the weights as diffusers / transformers folders (`unet/`, `vae/`
 or, with a VQ autoencoder, `vqvae/`, `text_encoder/`, `tokenizer/`) and a `config.json`
@@ -19,7 +20,6 @@ import jax
 import ml_collections
 
 from ldm_jax import config as config_lib
-from ldm_jax import pretrained
 from ldm_jax.interop import clip as clip_interop
 from ldm_jax.interop import single_file
 from ldm_jax.interop.convert import ImportedModel
@@ -32,9 +32,9 @@ from ldm_jax.interop.pipeline import (
     save_diffusers_pipeline,
 )
 from ldm_jax.models import UNet, VQAutoencoder
-from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
-from ldm_jax.train import diffusion as diffusion_stage
+from ldm_jax.pipeline.load import load_model
+from ldm_jax.pipeline.workdir import TOKENIZER_FILE, resolve
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +201,9 @@ def import_model(
     )
     return (
         f"imported {path} into {workdir}; draw with `ldm-jax sample --workdir={workdir} "
-        f"--num=4{condition}`, fine-tune with `ldm-jax train --config=configs/workdir.py:{workdir} "
-        f"--workdir={workdir} --config.data.source=image_folder --config.data.path=...`"
+        f"--num_per_prompt=4{condition}`, fine-tune with `ldm-jax train "
+        f"--config=configs/workdir.py:{workdir} --workdir={workdir} "
+        "--config.data.source=image_folder --config.data.path=...`"
     )
 
 
@@ -251,18 +252,19 @@ def _import_clip(path: str, workdir: str) -> str:
     )
 
 
-def workdir_components(workdir: str, raw: bool = False) -> dict[str, Any]:
-    """The modules and host params of a workdir's model (EMA params unless `raw`)."""
-    mesh = mesh_lib.create_mesh(data=-1, fsdp=1, tensor=1)
-    model, params, _, config = diffusion_stage.load_model(workdir, mesh, raw=raw)
-    params = sharding.to_host(params)
+def workdir_components(
+    workdir: str, raw: bool = False, config: ml_collections.ConfigDict | None = None
+) -> dict[str, Any]:
+    """The modules and host params of a workdir's model (EMA params unless `raw`), loaded on
+    the mesh of its config (or of `config`: the workdir's with overrides), then gathered."""
+    loaded = load_model(workdir, config, raw=raw)
+    model, config = loaded.model, loaded.config
+    params = sharding.to_host(loaded.params)
     text_encoder, tokenizer = None, None
     text = config.diffusion.text_encoder
     if text.kind == "clip":  # frozen: exported as it was imported
-        text_encoder = clip_interop.load_clip_text_encoder(
-            pretrained.resolve(workdir, text.pretrained)
-        )
-        tokenizer = pretrained.resolve(workdir, text.tokenizer or text.pretrained)
+        text_encoder = clip_interop.load_clip_text_encoder(resolve(workdir, text.pretrained))
+        tokenizer = resolve(workdir, text.tokenizer or text.pretrained)
     sample_size = config.data.image_size // model.autoencoder.downsample_factor
     return dict(
         unet=ImportedModel(model.unet, params["unet"], {"sample_size": sample_size}),
@@ -285,7 +287,10 @@ def workdir_components(workdir: str, raw: bool = False) -> dict[str, Any]:
 
 
 def export_diffusers(
-    workdir_or_components: str | Mapping[str, Any], out_dir: str, raw: bool = False
+    workdir_or_components: str | Mapping[str, Any],
+    out_dir: str,
+    raw: bool = False,
+    config: ml_collections.ConfigDict | None = None,
 ) -> None:
     """Writes a diffusers pipeline folder from a workdir or from components.
 
@@ -295,27 +300,37 @@ def export_diffusers(
         optionally "text_encoder" (CLIP) with "tokenizer" (its folder), and "schedule"
         (default: Stable Diffusion's)}.
       out_dir: the folder to write; it must not exist or be empty.
+      raw: a workdir's online params instead of their EMA.
+      config: a workdir's config with overrides (its mesh), default its own.
     """
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"--out={out_dir} exists and is not empty")
     if isinstance(workdir_or_components, str):
-        components = workdir_components(workdir_or_components, raw)
+        components = workdir_components(workdir_or_components, raw, config)
     else:
         components = {"schedule": single_file.SD_SCHEDULE, **workdir_or_components}
         components["schedule"] = {"prediction_type": "epsilon", **components["schedule"]}
     save_diffusers_pipeline(out_dir, **components)
 
 
-def export_workdir(workdir: str, to: str, out: str, raw: bool = False) -> str:
-    """Writes a workdir's model as a diffusers pipeline folder or one safetensors file."""
+def export_workdir(
+    workdir: str,
+    to: str,
+    out: str,
+    raw: bool = False,
+    config: ml_collections.ConfigDict | None = None,
+) -> str:
+    """Writes a workdir's model as a diffusers pipeline folder or one safetensors file,
+    loading it on the mesh of its config (or of ``config``, the workdir's with overrides)."""
     if to not in EXPORT_FORMATS:
         raise ValueError(f"--to={to!r} is not a format; choose one of {EXPORT_FORMATS}")
+    config = config_lib.load_workdir_config(workdir) if config is None else config
     if to == "diffusers":
-        export_diffusers(workdir, out, raw)
-        if config_lib.load_workdir_config(workdir).diffusion.text_encoder.kind == "scratch":
+        export_diffusers(workdir, out, raw, config)
+        if config.diffusion.text_encoder.kind == "scratch":
             _note_scratch_text_encoder(workdir, out)
     else:
-        components = workdir_components(workdir, raw)
+        components = workdir_components(workdir, raw, config)
         single_file.save_single_file(
             out,
             unet=components["unet"],
@@ -327,7 +342,7 @@ def export_workdir(workdir: str, to: str, out: str, raw: bool = False) -> str:
 
 def _note_scratch_text_encoder(workdir: str, out: str) -> None:
     """A from-scratch text encoder has no diffusers class: its tokenizer goes along."""
-    source = os.path.join(workdir, "tokenizer.json")
+    source = os.path.join(workdir, TOKENIZER_FILE)
     if os.path.isfile(source):
         shutil.copyfile(source, os.path.join(out, "ldm_jax_tokenizer.json"))
     log.info(

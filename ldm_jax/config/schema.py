@@ -1,9 +1,10 @@
-"""The configuration schema and its JSON round trips; ``validate`` is re-exported here.
+"""The configuration schema: every key with its default, the values a choice allows, what
+follows from the keys (latent shape, classes, mesh sizes), and the JSON a workdir keeps.
 
 Every run is described by one ``ml_collections.ConfigDict``. ``base_config()`` holds every key
-with its default; ``configs/NAME.py`` changes what it needs. ``validate``
-(``config_checks.py``) runs once at start-up and names the bad key and the allowed values, so
-a mistake never surfaces inside jax.
+with its default, the one place each default is written; ``configs/NAME.py`` changes what it
+needs. ``checks.validate`` runs once at start-up and names the bad key and the allowed values,
+so a mistake never surfaces inside jax.
 """
 
 from __future__ import annotations
@@ -14,23 +15,23 @@ from typing import Any
 
 import ml_collections
 
-from ldm_jax.config_checks import ConfigError, autoencoder_factor, mesh_sizes, validate
 from ldm_jax.data.shapes import NUM_CLASSES
 from ldm_jax.parallel import mesh as mesh_lib
 
-# The validation lives in config_checks.py; these names are part of this module's API.
-__all__ = [
-    "ConfigError",
-    "autoencoder_factor",
-    "base_config",
-    "from_json",
-    "latent_shape",
-    "load_workdir_config",
-    "mesh_sizes",
-    "num_classes",
-    "to_json",
-    "validate",
-]
+# The values of the config's choices that no lower layer defines (the samplers, schedules,
+# remat policies, ... are the diffusion and model layers' own).
+STAGES = ("both", "autoencoder", "diffusion")
+SOURCES = ("shapes", "image_folder", "tfds")
+CONDITIONINGS = ("text", "class", "none")
+TEXT_ENCODER_KINDS = ("scratch", "clip")
+DTYPES = ("float32", "bfloat16")
+AUTOENCODER_KINDS = ("kl", "vq")
+PIXEL_LOSSES = ("l1", "l2")
+DISCRIMINATOR_LOSSES = ("hinge", "vanilla")
+# A step with a non-finite loss or gradient: stop the run, or skip the update and count it.
+NONFINITE_POLICIES = ("halt", "skip")
+MESH_KEYS = ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor")
+WORKDIR_CONFIG_FILE = "config.json"
 
 
 def _optimizer(steps: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
@@ -153,7 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
         dict(
             conditioning="text",
             cond_drop_prob=0.1,
-            # Images concatenated to the U-Net input: "", "inpaint", "sr" (image_conditioning.py).
+            # Images concatenated to the U-Net input: "", "inpaint", "sr" (diffusion/concat.py).
             concat_conditioning="",
             super_resolution_factor=4,
             # Encode the training set once at the start of stage 2 and keep the posterior
@@ -229,7 +230,8 @@ def base_config() -> ml_collections.ConfigDict:
             # DDIM's last step goes to alpha_bar = 1 (True) or to alpha_bar_0 (False, as
             # Stable Diffusion's scheduler config).
             set_alpha_to_one=True,
-            num=16,
+            # Images of each prompt or label that `ldm-jax sample` and `evaluate` draw.
+            num_per_prompt=8,
         )
     )
 
@@ -251,6 +253,16 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     return config
+
+
+def autoencoder_factor(config: ml_collections.ConfigDict) -> int:
+    """Spatial downsampling factor f of the autoencoder."""
+    return 2 ** (len(config.autoencoder.model.block_out_channels) - 1)
+
+
+def mesh_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The ``config.mesh`` sizes, as ``mesh.create_mesh`` and ``mesh.mesh_shape`` take them."""
+    return {key: config.mesh[key] for key in MESH_KEYS}
 
 
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -278,7 +290,8 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
+    """The config a workdir was trained (or imported) with."""
+    path = os.path.join(workdir, WORKDIR_CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} not found: --workdir must be a directory written by "

@@ -1,0 +1,59 @@
+"""Where a workdir keeps what: the one description of its layout.
+
+A workdir holds everything of one run: ``config.json``, ``checkpoints/{autoencoder,diffusion}/``,
+the word tokenizer of a from-scratch text encoder (``tokenizer.json``), the latent scale
+measured on the trained autoencoder (``latent_scale.json``), ``metrics.jsonl``, TensorBoard
+events, ``samples/`` and evaluation outputs; an imported one also holds its weights as
+diffusers / transformers folders, named by its config with paths relative to the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+
+AUTOENCODER = "autoencoder"
+DIFFUSION = "diffusion"
+STAGES = (AUTOENCODER, DIFFUSION)
+TOKENIZER_FILE = "tokenizer.json"
+LATENT_SCALE_FILE = "latent_scale.json"
+SAMPLES_DIR = "samples"
+
+
+def checkpoint_dir(workdir: str, stage: str) -> str:
+    """The checkpoints of ``stage`` ("autoencoder" or "diffusion")."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {STAGES}")
+    return os.path.join(workdir, "checkpoints", stage)
+
+
+def autoencoder_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The workdir holding the trained autoencoder: ``config.autoencoder.workdir`` or this one."""
+    return config.autoencoder.workdir or workdir
+
+
+def resolve(workdir: str, path: str) -> str:
+    """``path`` as given when absolute, else inside ``workdir``."""
+    return path if os.path.isabs(path) else os.path.join(workdir, path)
+
+
+def write_latent_scale(workdir: str, scale: float, autoencoder_step: int) -> None:
+    """Records the latent scale measured on the autoencoder of ``autoencoder_step``."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, LATENT_SCALE_FILE), "w", encoding="utf-8") as f:
+            json.dump({"latent_scale": scale, "autoencoder_step": autoencoder_step}, f)
+
+
+def read_latent_scale(workdir: str, autoencoder_step: int) -> float | None:
+    """The stored latent scale if it was measured on the autoencoder at ``autoencoder_step``."""
+    path = os.path.join(workdir, LATENT_SCALE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    if record["autoencoder_step"] != autoencoder_step:
+        return None
+    return float(record["latent_scale"])

@@ -1,6 +1,7 @@
 """`ldm-jax compile`: the real train step compiled ahead of time for a TPU topology."""
 
 import math
+import os
 import re
 
 import jax
@@ -15,25 +16,28 @@ from tests.conftest import load_config, run_cli
 
 
 @pytest.mark.parametrize(
-    "name, libtpu_name, chips, config_name",
+    "name, libtpu_name, chips, config_name, accelerator_type",
     [
-        ("v5p-8", "v5:2x2x1", 4, "megacore"),
-        ("v5p-64", "v5:2x4x4", 32, "megacore"),
-        ("v4-32", "v4:2x2x4", 16, "megacore"),
-        ("v5e-256", "v5e:16x16", 256, "default"),
-        ("v5litepod-8", "v5e:2x4", 8, "default"),
-        ("v6e-16", "v6e:4x4", 16, "default"),
-        ("v5e:2x2", "v5e:2x2", 4, "default"),
-        ("v5p:2x2x2", "v5:2x2x2", 8, "megacore"),
+        ("v5p-8", "v5:2x2x1", 4, "megacore", "v5p-8"),
+        ("v5p-64", "v5:2x4x4", 32, "megacore", "v5p-64"),
+        ("v4-32", "v4:2x2x4", 16, "megacore", "v4-32"),
+        ("v5e-256", "v5e:16x16", 256, "default", "v5litepod-256"),
+        ("v5litepod-8", "v5e:2x4", 8, "default", "v5litepod-8"),
+        ("v6e-16", "v6e:4x4", 16, "default", "v6e-16"),
+        ("v5e:2x2", "v5e:2x2", 4, "default", "v5litepod-4"),
+        ("v5p:2x2x2", "v5:2x2x2", 8, "megacore", "v5p-16"),
     ],
 )
-def test_topology_names_map_to_libtpu_topologies(name, libtpu_name, chips, config_name):
+def test_topology_names_map_to_libtpu_topologies(
+    name, libtpu_name, chips, config_name, accelerator_type
+):
     topology = compile_lib.parse_topology(name)
-    assert (topology.name, topology.num_chips, topology.chip_config_name) == (
-        libtpu_name,
-        chips,
-        config_name,
-    )
+    assert (
+        topology.name,
+        topology.num_chips,
+        topology.chip_config_name,
+        topology.accelerator_type,
+    ) == (libtpu_name, chips, config_name, accelerator_type)
 
 
 @pytest.mark.parametrize("name", ["v5q-8", "v5p-12", "tpu", "v5e:2xx"])
@@ -50,6 +54,9 @@ def test_multislice_devices_make_a_hybrid_mesh_with_data_parallelism_over_slices
         assert {d.slice_index for d in mesh.devices[data_index].flat} == {data_index}
     with pytest.raises(ValueError, match="mesh.dcn_"):
         mesh_lib.create_mesh(data=1, fsdp=-1, tensor=1, devices=devices, dcn_fsdp=4)
+    # The TPU VM variables stood in only while libtpu loaded: this host is no TPU VM after.
+    assert "TPU_WORKER_HOSTNAMES" not in os.environ
+    assert "TPU_ACCELERATOR_TYPE" not in os.environ
 
 
 @pytest.mark.slow
@@ -63,6 +70,8 @@ def test_compile_cli_reports_memory_flops_and_fit_for_the_quickstart():
     flops = re.search(r"FLOPs per step per chip: ([\d.e+]+)", out)
     assert flops and float(flops.group(1)) > 1e8, out
     assert out.strip().splitlines()[-1] == "fits"
+    # libtpu loads without its discovery errors on this host without a TPU.
+    assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr[-3000:]
 
 
 def test_compile_cli_bad_topology_is_one_line():

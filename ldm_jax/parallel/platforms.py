@@ -40,6 +40,11 @@ def _attached_accelerators() -> tuple[int, bool]:
     return int(chips), bool(gpu)
 
 
+def tpu_attached() -> bool:
+    """Whether a TPU chip is attached to this host (assumed when JAX cannot tell)."""
+    return _attached_accelerators()[0] > 0
+
+
 def cpu_only_platforms(
     environ: MutableMapping[str, str],
     *,

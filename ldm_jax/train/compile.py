@@ -11,13 +11,14 @@ of the configured width, a from-scratch text encoder by one with a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -30,7 +31,7 @@ from ldm_jax.data import tokenizer as tokenizer_lib
 from ldm_jax.models import LPIPS
 from ldm_jax.models.clip import CLIPTextTransformer
 from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.parallel import sharding
+from ldm_jax.parallel import platforms, sharding
 from ldm_jax.pipeline import builders
 from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import diffusion as diffusion_stage
@@ -78,6 +79,14 @@ class Topology:
     def name(self) -> str:
         """libtpu's topology string, e.g. ``v5:2x4x4``."""
         return f"{_LIBTPU_GENERATION[self.generation]}:{'x'.join(map(str, self.chip_grid))}"
+
+    @property
+    def accelerator_type(self) -> str:
+        """Cloud TPU's name of the slice, e.g. ``v5p-64`` (TensorCores) or ``v5litepod-16``."""
+        if self.generation in _MEGACORE:
+            return f"{self.generation}-{2 * self.num_chips}"
+        prefix = "v5litepod" if self.generation == "v5e" else self.generation
+        return f"{prefix}-{self.num_chips}"
 
     @property
     def chip_config_name(self) -> str:
@@ -153,16 +162,41 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
-    description = topologies.get_topology_desc(
-        topology_name=topology.name,
-        platform="tpu",
-        chip_config_name=topology.chip_config_name,
-        chips_per_host_bounds=topology.chips_per_host_bounds,
-        num_slices=num_slices,
-        wrap=(False,) * 3,
-    )
+    with _described_host(topology):
+        description = topologies.get_topology_desc(
+            topology_name=topology.name,
+            platform="tpu",
+            chip_config_name=topology.chip_config_name,
+            chips_per_host_bounds=topology.chips_per_host_bounds,
+            num_slices=num_slices,
+            wrap=(False,) * 3,
+        )
     return list(description.devices)
 
+
+@contextlib.contextmanager
+def _described_host(topology: Topology) -> Iterator[None]:
+    """On a host without a TPU, the variables a TPU VM sets, while libtpu loads: without them
+    it prints discovery errors ("could not determine TPU accelerator type", "unexpected worker
+    hostname") that read as a failure. Set only for the load, so that nothing later in the
+    process takes this host for a TPU VM (``parallel.distributed.detect_platform``)."""
+    if platforms.tpu_attached():
+        yield
+        return
+    stand_ins = {
+        "TPU_ACCELERATOR_TYPE": topology.accelerator_type,
+        "TPU_WORKER_HOSTNAMES": "localhost",
+    }
+    saved = {name: os.environ.get(name) for name in stand_ins}
+    os.environ.update({name: value for name, value in stand_ins.items() if not saved[name]})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -306,7 +306,7 @@ def _model_config(workdir: str):
 
 
 def _num_per_prompt(config) -> int:
-    value = _NUM_PER_PROMPT.value or config.sample.num_per_prompt
+    value = config.sample.num_per_prompt if _NUM_PER_PROMPT.value is None else _NUM_PER_PROMPT.value
     if value < 1:
         raise ValueError(f"--num_per_prompt={value} must be at least 1")
     return value
@@ -327,8 +327,6 @@ def _train() -> None:
 
 
 def _sample() -> None:
-    import numpy as np
-
     from ldm_jax.pipeline.grids import save_grid
     from ldm_jax.pipeline.image_inputs import mode_inputs
     from ldm_jax.pipeline.load import load_generator
@@ -338,18 +336,17 @@ def _sample() -> None:
     config = _model_config(workdir)
     num = _num_per_prompt(config)
     generator = load_generator(workdir, config, step=_CHECKPOINT_STEP.value)
-    options = generator.options(
-        **_sampling_overrides(), mode=mode, strength=_STRENGTH.value, paste_back=_PASTE_BACK.value
+    images = generator.sample(
+        _SEED.value,
+        prompts=_PROMPT.value,
+        labels=_LABEL.value,
+        num_per_prompt=num,
+        images=inputs,
+        **_sampling_overrides(),
+        mode=mode,
+        strength=_STRENGTH.value,
+        paste_back=_PASTE_BACK.value,
     )
-    # The mode before the prompts: an sr model asked for txt2img hears about the mode.
-    generator.check_inputs(options, {key: image[None] for key, image in inputs.items()})
-    prompts = [p for p in (_PROMPT.value or []) for _ in range(num)] or None
-    labels = [n for n in (_LABEL.value or []) for _ in range(num)] or None
-    if generator.model.conditioning == "none":
-        prompts = [""] * num
-    conditions = generator.conditions(prompts, labels)
-    inputs = {key: np.repeat(image[None], len(conditions), axis=0) for key, image in inputs.items()}
-    images = generator(conditions, seed=_SEED.value, images=inputs, options=options)
     out = _OUT.value or os.path.join(
         workdir, "samples", f"sample_{time.strftime('%Y%m%d_%H%M%S')}.png"
     )
@@ -367,13 +364,14 @@ def _evaluate() -> None:
 
     workdir = _require_workdir()
     config = _model_config(workdir)
-    num = _num_per_prompt(config)
     generator = load_generator(workdir, config, step=_CHECKPOINT_STEP.value)
-    options = generator.options(**_sampling_overrides())
-    name = f"{options.sampler}_{options.num_steps}steps_guidance{options.guidance_scale:g}"
-    out = _OUT.value or os.path.join(workdir, "eval", name)
-    results = evaluate_samples(
-        generator, out, num_per_prompt=num, seed=_SEED.value, options=options
+    results, out = evaluate_samples(
+        generator,
+        num_per_prompt=_num_per_prompt(config),
+        seed=_SEED.value,
+        out_dir=_OUT.value,
+        workdir=workdir,
+        **_sampling_overrides(),
     )
     summary = {k: results[k] for k in ("colour_accuracy", "shape_accuracy", "both_accuracy")}
     print(json.dumps(summary))

@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
 
 from ldm_jax.data import shapes, shapes_analyzer
-from ldm_jax.pipeline.generator import Generator, SamplingOptions
+from ldm_jax.pipeline.generator import Generator
 from ldm_jax.pipeline.grids import save_grid
 
 
 def evaluate_samples(
-    generator: Generator, out_dir: str, *, num_per_prompt: int, seed: int, options: SamplingOptions
-) -> dict:
-    """Samples every colour x shape prompt (or class label) ``num_per_prompt`` times.
+    generator: Generator,
+    *,
+    num_per_prompt: int,
+    seed: int,
+    out_dir: str | None = None,
+    workdir: str = "",
+    **overrides: Any,
+) -> tuple[dict, str]:
+    """Samples every colour x shape prompt (or class label) ``num_per_prompt`` times with the
+    config's sampling options and ``overrides``.
 
     Writes ``results.json`` (accuracies overall, per colour, per shape, and the sampling
-    options) and ``samples.png`` (one row per prompt) to ``out_dir``; returns the results.
+    options) and ``samples.png`` (one row per prompt) to ``out_dir``, by default
+    ``workdir/eval/<sampler>_<steps>steps_guidance<scale>``.
+
+    Returns:
+      (the results, the folder they were written to).
     """
+    options = generator.options(**overrides)
+    name = f"{options.sampler}_{options.num_steps}steps_guidance{options.guidance_scale:g}"
+    out_dir = out_dir or os.path.join(workdir, "eval", name)
     prompts, labels = zip(*shapes.class_prompts(), strict=True)
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     labels = np.repeat(np.asarray(labels, np.int32), num_per_prompt)
@@ -29,7 +45,7 @@ def evaluate_samples(
         "num_samples": int(len(images)),
         "num_per_prompt": num_per_prompt,
         "seed": seed,
-        "sampling": {k: getattr(options, k) for k in options.__dataclass_fields__},
+        "sampling": dataclasses.asdict(options),
         **shapes_analyzer.score(images, labels),
     }
     if jax.process_index() == 0:
@@ -37,4 +53,4 @@ def evaluate_samples(
         with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2, sort_keys=True)
         save_grid(images, os.path.join(out_dir, "samples.png"), columns=num_per_prompt)
-    return results
+    return results, out_dir

@@ -306,6 +306,48 @@ class Generator:
                 out.append(sharding.to_host(generated)[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0,), np.uint8)
 
+    def sample(
+        self,
+        seed: int,
+        *,
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[int] | None = None,
+        num_per_prompt: int = 1,
+        images: dict[str, np.ndarray] | None = None,
+        **overrides: Any,
+    ) -> np.ndarray:
+        """``num_per_prompt`` images of each prompt or label (of an unconditional model,
+        ``num_per_prompt`` images), in that order: what ``ldm-jax sample`` draws.
+
+        Args:
+          seed: the sampling seed.
+          prompts: texts of a text-conditioned model.
+          labels: classes of a class-conditional model.
+          num_per_prompt: images of each.
+          images: one uint8 input of each kind the mode needs (``MODE_INPUTS``), no batch
+            axis: every image is drawn from it.
+          **overrides: sampling options over the config's (``sampling_options``).
+
+        Raises:
+          ValueError: one line naming the flag: a mode the model cannot do, a missing input,
+            missing or unknown conditions.
+        """
+        if num_per_prompt < 1:
+            raise ValueError(f"--num_per_prompt={num_per_prompt} must be at least 1")
+        options = self.options(**overrides)
+        images = images or {}
+        # The mode before the conditions: an sr model asked for txt2img hears about the mode.
+        self.check_inputs(options, {key: image[None] for key, image in images.items()})
+        if self.model.conditioning == "none":
+            prompts = [""]
+        prompts = [p for p in prompts or [] for _ in range(num_per_prompt)] or None
+        labels = [n for n in labels or [] for _ in range(num_per_prompt)] or None
+        conditions = self.conditions(prompts, labels)
+        batch = {
+            key: np.repeat(image[None], len(conditions), axis=0) for key, image in images.items()
+        }
+        return self(conditions, seed, options, batch)
+
     def generate_global(
         self, conditions: jax.Array, key: jax.Array, options: SamplingOptions
     ) -> jax.Array:

@@ -330,6 +330,7 @@ def _sample() -> None:
     from ldm_jax.pipeline.grids import save_grid
     from ldm_jax.pipeline.image_inputs import mode_inputs
     from ldm_jax.pipeline.load import load_generator
+    from ldm_jax.pipeline.workdir import SAMPLES_DIR
 
     workdir = _require_workdir()
     mode, inputs = mode_inputs(_MODE.value, _INIT_IMAGE.value, _MASK.value, _OUTPAINT.value)
@@ -348,7 +349,7 @@ def _sample() -> None:
         paste_back=_PASTE_BACK.value,
     )
     out = _OUT.value or os.path.join(
-        workdir, "samples", f"sample_{time.strftime('%Y%m%d_%H%M%S')}.png"
+        workdir, SAMPLES_DIR, f"sample_{time.strftime('%Y%m%d_%H%M%S')}.png"
     )
     save_grid(images, out, columns=num if num <= 16 else None)
     print(f"wrote {len(images)} samples to {out}")

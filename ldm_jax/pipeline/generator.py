@@ -202,7 +202,8 @@ class Generator:
         if options not in self._compiled:
             batch = sharding.batch_sharding(self.mesh)
 
-            def generate_batch(params, conditions, key, images):
+            def generate_batch(params, conditions, key_data, images):
+                key = jax.random.wrap_key_data(key_data)
                 return generate(self.model, params, conditions, key, options, images)
 
             self._compiled[options] = jax.jit(
@@ -292,16 +293,21 @@ class Generator:
         fn = self._function(options)
         out = []
         key = jax.random.key(seed)
+        batch = sharding.batch_sharding(self.mesh)
         with jax.set_mesh(self.mesh):
             for index, start in enumerate(range(0, len(conditions), self.batch_size)):
                 chunk = conditions[start : start + self.batch_size]
                 size = self._padded_size(len(chunk))
+                # Every process holds the same conditions: each places the rows of its devices.
                 chunk_images = {
-                    name: _pad_to(value[start : start + self.batch_size], size)
+                    name: _global(_pad_to(value[start : start + self.batch_size], size), batch)
                     for name, value in images.items()
                 }
                 generated = fn(
-                    self.params, _pad_to(chunk, size), jax.random.fold_in(key, index), chunk_images
+                    self.params,
+                    _global(_pad_to(chunk, size), batch),
+                    _key_data(jax.random.fold_in(key, index)),
+                    chunk_images,
                 )
                 out.append(sharding.to_host(generated)[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0,), np.uint8)
@@ -359,11 +365,23 @@ class Generator:
           The global uint8 images (B, H, W, 3), sharded as ``conditions``.
         """
         with jax.set_mesh(self.mesh):
-            return self._function(options)(self.params, conditions, key, {})
+            return self._function(options)(self.params, conditions, _key_data(key), {})
 
     def _padded_size(self, n: int) -> int:
         shards = mesh_lib.data_parallel_size(self.mesh)
         return math.ceil(n / shards) * shards
+
+
+def _global(array: np.ndarray, batch_sharding) -> jax.Array:
+    """A host array that every process holds whole, as a global array split over the batch
+    axes (each process gives its devices their rows)."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, batch_sharding, lambda index: array[index])
+
+
+def _key_data(key: jax.Array) -> np.ndarray:
+    """A key's raw data on the host: a replicated input every process can give alike."""
+    return np.asarray(jax.random.key_data(key))
 
 
 def _pad_to(array: np.ndarray, size: int) -> np.ndarray:

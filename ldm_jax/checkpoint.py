@@ -16,13 +16,9 @@ Large or sharded arrays are saved one by one as before, each process writing its
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
-import os
-import pathlib
 import re
-import shutil
 from typing import Any
 
 import grain
@@ -30,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ldm_jax import storage
 from ldm_jax.data.process_blocks import rescale_loader_state
 
 log = logging.getLogger(__name__)
@@ -38,6 +35,8 @@ _STATE, _DATA, _CONFIG = "state", "data_iterator", "config"
 _SMALL, _SMALL_INDEX = "small_arrays", "small_arrays_index"
 PACK_MAX_BYTES = 1 << 20  # arrays up to this size (and replicated) are saved packed
 _HALF_WRITTEN = "*.orbax-checkpoint-tmp*"
+# On GCS orbax writes a step in place and marks it complete with this file last.
+_COMMIT_FILE = "commit_success.txt"
 _GIB = 1024**3
 
 
@@ -60,21 +59,21 @@ class Checkpointer:
         async_checkpointing: bool = True,
         pack_max_bytes: int = PACK_MAX_BYTES,
     ):
-        self.directory = os.path.abspath(directory)
+        self.directory = str(storage.as_path(directory))  # orbax takes absolute paths only
         self.max_to_keep = max_to_keep
         self.pack_max_bytes = pack_max_bytes  # 0: every array saved on its own
-        half_written = sorted(glob.glob(os.path.join(self.directory, _HALF_WRITTEN)))
+        half_written = _half_written(storage.as_path(self.directory))
         if half_written:
             log.warning(
                 "ignoring %d half-written checkpoint(s) in %s (an earlier run stopped while "
                 "saving): %s; removing them and using the newest complete checkpoint",
                 len(half_written),
                 self.directory,
-                ", ".join(os.path.basename(p) for p in half_written),
+                ", ".join(p.name for p in half_written),
             )
             if jax.process_index() == 0:
                 for path in half_written:
-                    shutil.rmtree(path, ignore_errors=True)
+                    path.rmtree(missing_ok=True)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -111,8 +110,8 @@ class Checkpointer:
         )
         to_write = max(1, self.max_to_keep - len(self.all_steps()))
         needed = min_free_gib * _GIB + state_bytes * to_write
-        free = shutil.disk_usage(self.directory).free
-        if free < needed:
+        free = storage.free_bytes(self.directory)
+        if free is not None and free < needed:
             raise CheckpointSaveError(
                 f"{self.directory} has {free / _GIB:.2f} GiB free but needs {needed / _GIB:.2f} "
                 f"GiB: {to_write} checkpoint(s) of {state_bytes / _GIB:.2f} GiB plus "
@@ -227,26 +226,25 @@ class Checkpointer:
 
     def _small_index(self, step: int) -> dict | None:
         """The index of ``step``'s packed small arrays (None: it has none)."""
-        if not os.path.isdir(os.path.join(self.directory, str(step), _SMALL_INDEX)):
+        if not storage.as_path(self.directory).joinpath(str(step), _SMALL_INDEX).is_dir():
             return None
         items = {_SMALL_INDEX: ocp.args.JsonRestore()}
         return self._manager.restore(step, args=ocp.args.Composite(**items))[_SMALL_INDEX]
 
-    def _data_directory(self, step: int) -> str:
-        return os.path.join(self.directory, str(step), _DATA)
+    def _data_directory(self, step: int):
+        return storage.as_path(self.directory) / str(step) / _DATA
 
     def _saved_process_count(self, step: int) -> int | None:
         """How many processes saved the data iterator of ``step`` (None: no iterator saved)."""
-        names = glob.glob(os.path.join(self._data_directory(step), "process_0-of-*.json"))
+        names = [p.name for p in self._data_directory(step).glob("process_0-of-*.json")]
         match = re.search(r"-of-(\d+)\.json$", names[0]) if names else None
         return int(match.group(1)) if match else None
 
     def _restore_rescaled(self, step: int, data_iterator: Any, saved_process_count: int) -> None:
         """Sets the iterator to the position the ``saved_process_count`` processes reached
         (every process of a run holds the same position: see ``ldm_jax.data.process_blocks``)."""
-        path = os.path.join(self._data_directory(step), f"process_0-of-{saved_process_count}.json")
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        path = self._data_directory(step) / f"process_0-of-{saved_process_count}.json"
+        saved = json.loads(path.read_text(encoding="utf-8"))
         state = rescale_loader_state(saved, saved_process_count, jax.process_count())
         data_iterator.set_state(json.dumps(state).encode())
         data_iterator.start_prefetch()
@@ -270,6 +268,19 @@ class Checkpointer:
         self._manager.close()
 
 
+def _half_written(directory) -> list:
+    """Checkpoints an interrupted save left: orbax's temporary folders on a disk; on GCS,
+    where orbax writes a step in place, step folders without their commit file."""
+    if not directory.is_dir():
+        return []
+    found = list(directory.glob(_HALF_WRITTEN))
+    if str(directory).startswith("gs://"):
+        found += [
+            p for p in directory.iterdir() if p.name.isdigit() and not (p / _COMMIT_FILE).exists()
+        ]
+    return sorted(found)
+
+
 def _path_name(path: tuple) -> str:
     """A leaf's path as "params/unet/conv_in/kernel" (dict keys, fields, list indices)."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
@@ -279,23 +290,21 @@ def read_arrays(step_directory: str) -> dict[str, np.ndarray]:
     """Every array of the state saved in ``step_directory`` (``<checkpoint dir>/<step>``) as a
     host array, by path ("params/unet/conv_in/kernel"), whatever mesh saved it: a checkpoint
     read without building the model, to inspect or compare."""
-    step_directory = os.path.abspath(step_directory)  # orbax takes absolute paths only
+    step_directory = storage.as_path(step_directory)  # orbax takes absolute paths only
     arrays: dict[str, np.ndarray] = {}
-    state_dir = os.path.join(step_directory, _STATE)
-    if os.path.isdir(state_dir):
+    state_dir = step_directory / _STATE
+    if state_dir.is_dir():
         checkpointer = ocp.PyTreeCheckpointer()
-        tree = ocp.PyTreeCheckpointHandler().metadata(pathlib.Path(state_dir))
+        tree = ocp.PyTreeCheckpointHandler().metadata(state_dir)
         tree = getattr(tree, "tree", tree)
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=args))
         for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]:
             arrays[_path_name(path)] = np.asarray(value)
-    index_dir = os.path.join(step_directory, _SMALL_INDEX)
-    if os.path.isdir(index_dir):
+    index_dir = step_directory / _SMALL_INDEX
+    if index_dir.is_dir():
         index = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(index_dir)
-        packed = ocp.StandardCheckpointer().restore(
-            os.path.join(step_directory, _SMALL), _packed_targets(index)
-        )
+        packed = ocp.StandardCheckpointer().restore(step_directory / _SMALL, _packed_targets(index))
         for entry in index["arrays"]:
             arrays[entry["path"]] = _unpacked(packed, entry)
     if not arrays:

@@ -590,9 +590,11 @@ def command_help(command: str) -> str:
 
 def run() -> None:
     """Console-script entry point."""
+    from ldm_jax import storage
     from ldm_jax.parallel import platforms
 
     platforms.skip_absent_tpu()  # before any JAX backend starts
+    storage.configure_emulators()
     if sys.argv[1:2] == ["launch"]:
         # The launcher has flags of its own and passes everything after `--` on untouched.
         from ldm_jax.launch.main import main as launch
@@ -619,7 +621,9 @@ def _with_workdir_config(argv: list[str]) -> list[str]:
     ):
         return argv
     workdirs = [a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")]
-    if not workdirs or not os.path.isfile(os.path.join(workdirs[-1], "config.json")):
+    from ldm_jax import storage
+
+    if not workdirs or not storage.as_path(workdirs[-1]).joinpath("config.json").is_file():
         return argv
     return [*argv[:2], f"--config={_WORKDIR_CONFIG_FILE}:{workdirs[-1]}", *argv[2:]]
 

@@ -17,13 +17,15 @@ from collections.abc import Mapping
 
 import jax
 
+from ldm_jax import storage
+
 DISABLED = "none"
 
 
 def default_directory(workdir: str, process_count: int, environ: Mapping[str, str]) -> str:
     """The cache directory when none is given (see the module docstring)."""
     if process_count > 1:
-        return os.path.join(workdir, "xla_cache")
+        return storage.join(workdir, "xla_cache")
     user_cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(user_cache, "ldm_jax", "xla")
 

@@ -9,10 +9,9 @@ an image the autoencoder and the U-Net can halve), then the files a run reads.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
+from ldm_jax import storage
 from ldm_jax.config.schema import (
     AUTOENCODER_KINDS,
     CONDITIONINGS,
@@ -379,19 +378,20 @@ def _check_files(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 "config.data.source='image_folder' needs a folder: set --config.data.path"
             )
-        if not os.path.isdir(data.path):
+        if not storage.as_path(data.path).is_dir():
             raise ConfigError(
                 f"config.data.path={data.path!r} is not a directory; "
                 "set --config.data.path to a folder of images"
             )
-    if data.latent_cache and not os.path.isfile(os.path.join(data.latent_cache, "metadata.json")):
+    metadata = storage.join(data.latent_cache, "metadata.json") if data.latent_cache else ""
+    if data.latent_cache and not storage.as_path(metadata).is_file():
         raise ConfigError(
             f"config.data.latent_cache={data.latent_cache!r} holds no metadata.json: write the "
             "cache with `ldm-jax cache-latents --workdir=STAGE1_DIR --out=DIR` or unset "
             "--config.data.latent_cache"
         )
     lpips = config.autoencoder.loss.lpips_weights
-    if lpips and not os.path.isfile(lpips):
+    if lpips and not storage.as_path(lpips).is_file():
         raise ConfigError(
             f"config.autoencoder.loss.lpips_weights={lpips!r} is not a file; make "
             "it with `python -m ldm_jax.interop.lpips_weights --vgg=... --heads=... --out=...` "

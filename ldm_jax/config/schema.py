@@ -10,11 +10,11 @@ so a mistake never surfaces inside jax.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import ml_collections
 
+from ldm_jax import storage
 from ldm_jax.data.shapes import NUM_CLASSES
 from ldm_jax.parallel import mesh as mesh_lib
 
@@ -291,14 +291,13 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a workdir was trained (or imported) with."""
-    path = os.path.join(workdir, WORKDIR_CONFIG_FILE)
-    if not os.path.exists(path):
+    path = storage.join(workdir, WORKDIR_CONFIG_FILE)
+    if not storage.as_path(path).exists():
         raise FileNotFoundError(
             f"{path} not found: --workdir must be a directory written by "
             "`ldm-jax train` (or `ldm-jax import`)"
         )
-    with open(path, encoding="utf-8") as f:
-        return from_json(f.read())
+    return from_json(storage.as_path(path).read_text(encoding="utf-8"))
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:

@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE tokenizer, built with `tokenizers` from a local vocab.json + merges.txt.
+"""CLIP's byte-level BPE tokenizer, built with `tokenizers` from vocab.json + merges.txt.
 
 The pipeline is transformers' `CLIPTokenizer`: NFC, runs of whitespace to one space and
 lower-casing; CLIP's pre-tokenization regex (contractions, letter runs, single digits,
@@ -16,7 +16,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tokenizers
+from etils import epath
 from tokenizers import Regex, models, normalizers, pre_tokenizers, processors
+
+from ldm_jax import storage
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
@@ -121,7 +124,8 @@ class ClipTokenizer:
 
     @classmethod
     def from_directory(cls, path: str | os.PathLike, max_length: int = 77) -> ClipTokenizer:
-        """Reads a transformers tokenizer directory (e.g. Stable Diffusion's `tokenizer/`).
+        """Reads a transformers tokenizer directory (e.g. Stable Diffusion's `tokenizer/`), on a
+        disk or in a bucket.
 
         Uses vocab.json and merges.txt (or, without them, the BPE vocabulary and merges in
         the tokenizer.json that transformers 5 saves instead), and the special tokens of
@@ -133,20 +137,24 @@ class ClipTokenizer:
             naming the directory.
         """
         directory = os.fspath(path)
-        vocab_path, merges_path = (os.path.join(directory, n) for n in (VOCAB_FILE, MERGES_FILE))
-        fast_path = os.path.join(directory, FAST_TOKENIZER_FILE)
-        has_bpe_files = os.path.isfile(vocab_path) and os.path.isfile(merges_path)
-        if not has_bpe_files and not os.path.isfile(fast_path):
+        folder = storage.as_path(directory)
+        vocab_path, merges_path = (folder / VOCAB_FILE, folder / MERGES_FILE)
+        fast_path = folder / FAST_TOKENIZER_FILE
+        has_bpe_files = vocab_path.is_file() and merges_path.is_file()
+        if not has_bpe_files and not fast_path.is_file():
             raise FileNotFoundError(
                 f"no CLIP tokenizer in {directory}: it needs {VOCAB_FILE} and {MERGES_FILE} "
                 f"(or {FAST_TOKENIZER_FILE})."
             )
         try:
             if has_bpe_files:
-                vocab, merges = models.BPE.read_file(vocab_path, merges_path)
+                # `tokenizers` opens the files by name in Rust: a bucket's are copied first.
+                vocab, merges = models.BPE.read_file(
+                    storage.local_copy(vocab_path), storage.local_copy(merges_path)
+                )
             else:
                 vocab, merges = _read_fast_tokenizer_bpe(fast_path)
-            special_tokens = _read_special_tokens(directory)
+            special_tokens = _read_special_tokens(folder)
         except Exception as error:  # `tokenizers` raises plain Exceptions for unreadable files
             raise ValueError(
                 f"cannot read the CLIP tokenizer in {directory}: {error}. Its files must be "
@@ -169,12 +177,11 @@ class ClipTokenizer:
         return ids
 
 
-def _read_fast_tokenizer_bpe(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _read_fast_tokenizer_bpe(path: epath.Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The BPE vocabulary and merges of a `tokenizers` JSON file."""
-    with open(path, encoding="utf-8") as f:
-        model = json.load(f)["model"]
+    model = json.loads(path.read_text())["model"]
     if model.get("type") != "BPE":
-        raise ValueError(f"{path}: a CLIP tokenizer is BPE, this one is {model.get('type')!r}")
+        raise ValueError(f"{path.name}: a CLIP tokenizer is BPE, this one is {model.get('type')!r}")
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return dict(model["vocab"]), merges
 
@@ -185,15 +192,14 @@ def _added_token(token: SpecialToken) -> tokenizers.AddedToken:
     return tokenizers.AddedToken(token, special=True, normalized=False)
 
 
-def _read_special_tokens(directory: str) -> dict[str, SpecialToken]:
-    """Special tokens of the directory's JSON files; a token is a string or a dict."""
+def _read_special_tokens(folder: epath.Path) -> dict[str, SpecialToken]:
+    """Special tokens of the folder's JSON files; a token is a string or a dict."""
     special: dict[str, SpecialToken] = {}
     for name in SPECIAL_TOKEN_FILES:
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
+        path = folder / name
+        if not path.is_file():
             continue
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
+        entries = json.loads(path.read_text())
         for role in DEFAULT_SPECIAL_TOKENS:
             value = entries.get(role)
             if isinstance(value, str):

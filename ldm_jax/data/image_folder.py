@@ -1,6 +1,6 @@
 """A grain source over a folder of image files, with optional classes and captions.
 
-Layout::
+The folder may be on a disk or in a bucket (``gs://...``). Layout::
 
     root/
       metadata.jsonl          optional: {"file_name": "cats/001.png", "text": "..."} lines
@@ -24,9 +24,13 @@ import json
 import logging
 import os
 import pathlib
+from collections.abc import Iterator
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps
+
+from ldm_jax import storage
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
@@ -38,9 +42,19 @@ _WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 logger = logging.getLogger(__name__)
 
 
-def _is_readable_image(path: pathlib.Path) -> bool:
+def _files_under(folder: epath.Path) -> Iterator[pathlib.PurePosixPath]:
+    """Every file under ``folder``, relative to it: one listing per subfolder, in a bucket too
+    (whose listings also say which entries are folders)."""
+    for child in folder.iterdir():
+        if child.is_dir():
+            yield from (pathlib.PurePosixPath(child.name) / file for file in _files_under(child))
+        else:
+            yield pathlib.PurePosixPath(child.name)
+
+
+def _is_readable_image(path: epath.Path) -> bool:
     try:
-        with Image.open(path) as image:
+        with path.open("rb") as file, Image.open(file) as image:
             image.verify()
     except Exception:  # PIL raises many types for corrupt files.
         return False
@@ -60,7 +74,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def _read_metadata_captions(root: pathlib.Path) -> dict[str, str]:
+def _read_metadata_captions(root: epath.Path) -> dict[str, str]:
     """Returns captions by POSIX path relative to the root, from ``metadata.jsonl``."""
     metadata_path = root / METADATA_FILE
     if not metadata_path.is_file():
@@ -110,7 +124,7 @@ class ImageFolderSource:
     label is -1 for images at the root and the caption "" when none is given.
 
     Attributes:
-        root: The folder.
+        root: The folder (an ``epath.Path``: a local one made absolute, or a bucket URL).
         class_names: Sorted first-level subfolder names holding images; a label indexes it.
         num_unreadable: Files skipped because PIL could not open them.
         decode_failures: Records replaced since this process built or unpickled the source.
@@ -128,16 +142,12 @@ class ImageFolderSource:
             FileNotFoundError: If ``path`` is not an existing folder.
             ValueError: If it holds no readable image, or ``metadata.jsonl`` is malformed.
         """
-        self.root = pathlib.Path(path)
+        self._path = os.fspath(path)  # as given, for messages
+        self.root = storage.as_path(path)
         if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"image folder {os.fspath(path)!r} does not exist: {_PATH_HINT}."
-            )
-        candidates = sorted(
-            file.relative_to(self.root)
-            for file in self.root.rglob("*")
-            if file.suffix.lower() in IMAGE_EXTENSIONS and file.is_file()
-        )
+            raise FileNotFoundError(f"image folder {self._path!r} does not exist: {_PATH_HINT}.")
+        files = set(_files_under(self.root))
+        candidates = sorted(file for file in files if file.suffix.lower() in IMAGE_EXTENSIONS)
         unreadable = [file for file in candidates if not _is_readable_image(self.root / file)]
         if unreadable:
             logger.warning(
@@ -151,7 +161,7 @@ class ImageFolderSource:
         self._files = [file for file in candidates if file not in unreadable_set]
         if not self._files:
             raise ValueError(
-                f"no readable image ({', '.join(IMAGE_EXTENSIONS)}) under {os.fspath(path)!r}: "
+                f"no readable image ({', '.join(IMAGE_EXTENSIONS)}) under {self._path!r}: "
                 f"{_PATH_HINT}."
             )
         self.class_names = sorted({file.parts[0] for file in self._files if len(file.parts) > 1})
@@ -159,6 +169,8 @@ class ImageFolderSource:
         self._labels = [
             class_index[file.parts[0]] if len(file.parts) > 1 else -1 for file in self._files
         ]
+        # Caption files are found in the listing: reading a record asks no more of a bucket.
+        self._has_caption_file = [file.with_suffix(".txt") in files for file in self._files]
         metadata_captions = _read_metadata_captions(self.root)
         self._metadata_captions = [
             metadata_captions.get(file.as_posix(), "") for file in self._files
@@ -176,9 +188,9 @@ class ImageFolderSource:
 
     def caption(self, index: int) -> str:
         """The caption of image `index`, read without decoding the image."""
-        caption_file = (self.root / self._files[index]).with_suffix(".txt")
-        if not caption_file.is_file():
+        if not self._has_caption_file[index]:
             return self._metadata_captions[index]
+        caption_file = self.root / self._files[index].with_suffix(".txt")
         text, is_utf8 = _decode_text(caption_file.read_bytes())
         if not is_utf8 and index not in self._non_utf8_caption_files:
             self._non_utf8_caption_files.add(index)
@@ -196,14 +208,15 @@ class ImageFolderSource:
             raise IndexError(f"index {index} out of range for {len(self)} images.")
         for attempt in range(len(self)):
             candidate = (index + attempt) % len(self)
+            file = self.root / self._files[candidate]
             try:
-                with Image.open(self.root / self._files[candidate]) as image:
+                with file.open("rb") as stream, Image.open(stream) as image:
                     pixels = _to_rgb(image)
             except Exception:  # PIL raises many types for undecodable files.
                 self.decode_failures += 1
                 logger.warning(
                     "Cannot decode %s; reading the next image (%d image(s) replaced so far).",
-                    self.root / self._files[candidate],
+                    file,
                     self.decode_failures,
                 )
                 continue
@@ -212,7 +225,7 @@ class ImageFolderSource:
                 "label": np.int32(self._labels[candidate]),
                 "caption": self.caption(candidate),
             }
-        raise ValueError(f"no image under {self.root} can be decoded: {_PATH_HINT}.")
+        raise ValueError(f"no image under {self._path} can be decoded: {_PATH_HINT}.")
 
     def __repr__(self) -> str:
-        return f"ImageFolderSource(path={os.fspath(self.root)!r})"
+        return f"ImageFolderSource(path={self._path!r})"

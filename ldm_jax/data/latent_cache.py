@@ -18,9 +18,9 @@ autoencoder). Arrays are stored as ``{"dtype", "shape", "bytes"}`` maps.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +28,8 @@ import grain
 import msgpack
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
+
+from ldm_jax import storage
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -99,11 +101,13 @@ class LatentCacheWriter:
     """Writes one process's records into ArrayRecord shards of ``records_per_shard`` each.
 
     Every process of a run writes its own files into the same (shared) folder; files are
-    opened on the first record, so a process without records writes none. Use as a context
-    manager; ``num_written`` counts the records written.
+    opened on the first record, so a process without records writes none. In a bucket, each
+    shard is written to a local temporary file first (ArrayRecord writes files by name) and
+    uploaded when complete. Use as a context manager; ``num_written`` counts the records
+    written.
 
     Args:
-      directory: the cache folder (created if missing).
+      directory: the cache folder (created if missing), on a disk or in a bucket.
       process_index: this process's index (``jax.process_index()``).
       process_count: the number of writing processes (``jax.process_count()``).
       records_per_shard: records per file before the next file is started.
@@ -128,7 +132,12 @@ class LatentCacheWriter:
         self.records_per_shard = records_per_shard
         self.num_written = 0
         self._writer: ArrayRecordWriter | None = None
-        os.makedirs(directory, exist_ok=True)
+        self._shard: tuple[str, str] | None = None  # (file written, where it belongs)
+        self._staging = (
+            tempfile.mkdtemp(prefix="ldm_jax_cache_") if storage.is_remote(directory) else None
+        )
+        if self._staging is None:
+            storage.as_path(directory).mkdir(parents=True, exist_ok=True)
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Appends one record (see ``encode_record``)."""
@@ -138,8 +147,11 @@ class LatentCacheWriter:
             name = shard_file_name(
                 self.process_index, self.process_count, self.num_written // self.records_per_shard
             )
+            target = storage.join(self.directory, name)
+            local = os.path.join(self._staging, name) if self._staging else target
+            self._shard = (local, target)
             # group_size:1 keeps every record individually addressable (random access).
-            self._writer = ArrayRecordWriter(os.path.join(self.directory, name), "group_size:1")
+            self._writer = ArrayRecordWriter(local, "group_size:1")
         self._writer.write(data)
         self.num_written += 1
 
@@ -147,9 +159,16 @@ class LatentCacheWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            local, target = self._shard
+            if local != target:
+                storage.upload(local, target)
+                os.unlink(local)
 
     def close(self) -> None:
         self._close_shard()
+        if self._staging is not None:
+            os.rmdir(self._staging)
+            self._staging = None
 
     def __enter__(self) -> LatentCacheWriter:
         return self
@@ -160,7 +179,7 @@ class LatentCacheWriter:
 
 def shard_files(directory: str) -> list[str]:
     """The cache's shard file names in ``directory``, in record order."""
-    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, SHARD_PATTERN)))
+    return sorted(p.name for p in storage.as_path(directory).glob(SHARD_PATTERN))
 
 
 def write_metadata(directory: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -179,7 +198,7 @@ def write_metadata(directory: str, metadata: Mapping[str, Any]) -> dict[str, Any
         the shards, or a required key is missing.
     """
     files = shard_files(directory)
-    counted = _count_records([os.path.join(directory, name) for name in files])
+    counted = _count_records([storage.join(directory, name) for name in files])
     if metadata.get("num_records", counted) != counted:
         raise ValueError(
             f"metadata says num_records={metadata['num_records']} but the shards in "
@@ -189,28 +208,25 @@ def write_metadata(directory: str, metadata: Mapping[str, Any]) -> dict[str, Any
     missing = [key for key in REQUIRED_METADATA if key not in full]
     if missing:
         raise ValueError(f"latent cache metadata needs the keys {missing}")
-    path = os.path.join(directory, METADATA_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(full, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    text = json.dumps(full, indent=2, sort_keys=True)
+    storage.write_text(storage.join(directory, METADATA_FILE), text)
     return full
 
 
 def _count_records(paths: list[str]) -> int:
     if not paths:
         return 0
-    with grain.sources.ArrayRecordDataSource(paths) as records:
+    with grain.sources.ArrayRecordDataSource([storage.local_copy(p) for p in paths]) as records:
         return len(records)
 
 
 def read_metadata(directory: str) -> dict[str, Any] | None:
     """The cache's metadata, or None when ``directory`` holds no (finished) cache."""
-    path = os.path.join(directory, METADATA_FILE)
-    if not os.path.exists(path):
+    path = storage.join(directory, METADATA_FILE)
+    if not storage.as_path(path).exists():
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(storage.as_path(path).read_text(encoding="utf-8"))
     except ValueError as error:  # not UTF-8, or not JSON
         raise ValueError(
             f"{path} is not the JSON file `ldm-jax cache-latents` writes ({error}); "
@@ -238,14 +254,14 @@ class LatentCacheSource:
     """
 
     def __init__(self, directory: str):
-        self.directory = os.path.abspath(directory)
+        self.directory = str(storage.as_path(directory))
         hint = _RUN_HINT.format(directory=directory)
-        if not os.path.isdir(directory):
+        if not storage.as_path(directory).is_dir():
             raise FileNotFoundError(f"latent cache folder {directory} does not exist: {hint}")
         metadata = read_metadata(directory)
         if metadata is None:
             raise FileNotFoundError(
-                f"{os.path.join(directory, METADATA_FILE)} not found: {directory} holds no "
+                f"{storage.join(directory, METADATA_FILE)} not found: {directory} holds no "
                 f"finished latent cache; {hint}"
             )
         if metadata.get("format_version") != FORMAT_VERSION:
@@ -256,8 +272,8 @@ class LatentCacheSource:
             )
         if not metadata["files"]:
             raise ValueError(f"latent cache {directory} holds no records; re-create it ({hint})")
-        paths = [os.path.join(directory, name) for name in metadata["files"]]
-        missing = [p for p in paths if not os.path.exists(p)]
+        paths = [storage.join(directory, name) for name in metadata["files"]]
+        missing = [p for p in paths if not storage.as_path(p).exists()]
         if missing:
             raise FileNotFoundError(
                 f"latent cache {directory} is incomplete: missing {missing[:3]}; re-create it "
@@ -265,7 +281,10 @@ class LatentCacheSource:
             )
         self.metadata = metadata
         try:
-            self._records = grain.sources.ArrayRecordDataSource(paths)
+            # ArrayRecord opens files by name: shards in a bucket are read from local copies.
+            self._records = grain.sources.ArrayRecordDataSource(
+                [storage.local_copy(p) for p in paths]
+            )
         except (OSError, RuntimeError, ValueError) as error:  # ArrayRecord's corrupt-file errors
             raise ValueError(
                 f"latent cache {directory}: its shards are not ArrayRecord files written by "

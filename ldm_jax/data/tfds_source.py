@@ -7,8 +7,12 @@ is downloaded or prepared here.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow_datasets as tfds
+
+from ldm_jax import storage
 
 _DATASET_HINT = (
     "set --config.data.tfds_name and --config.data.tfds_data_dir to a dataset prepared "
@@ -62,13 +66,20 @@ class TfdsSource:
             FileNotFoundError: If the dataset is not prepared in ``data_dir``.
             ValueError: If a key names no feature of the dataset.
         """
+        self.name, self.split, self.data_dir = name, split, data_dir
+        if data_dir and storage.is_remote(data_dir):
+            # ArrayRecord opens its shards by name: a dataset in a bucket is read from a local
+            # copy of its folder (fetched once per host, see ldm_jax.storage.local_copy).
+            folder = storage.local_copy(storage.join(data_dir, name.split("/")[0].split(":")[0]))
+            data_dir = os.path.dirname(folder)
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.DatasetNotFoundError:
             builder = None
         if builder is None or not builder.is_prepared():
             raise FileNotFoundError(
-                f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}: {_DATASET_HINT}."
+                f"TFDS dataset {name!r} is not prepared in data_dir={self.data_dir!r}: "
+                f"{_DATASET_HINT}."
             ) from None
         features = builder.info.features
         for argument, key in (
@@ -80,7 +91,6 @@ class TfdsSource:
                 raise ValueError(
                     f"{argument}={key!r} is not a feature of {name!r}; it has {sorted(features)}."
                 )
-        self.name, self.split, self.data_dir = name, split, data_dir
         self.image_key, self.label_key, self.caption_key = image_key, label_key, caption_key
         self._data_source = builder.as_data_source(split=split)
 

@@ -15,6 +15,8 @@ import numpy as np
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
+from ldm_jax import storage
+
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
@@ -78,8 +80,8 @@ def encode(tokenizer: tokenizers.Tokenizer, texts: Sequence[str], max_length: in
 
 
 def save_tokenizer(tokenizer: tokenizers.Tokenizer, path: str | os.PathLike) -> None:
-    """Writes the tokenizer as a JSON file."""
-    tokenizer.save(os.fspath(path))
+    """Writes the tokenizer as a JSON file (on a disk or in a bucket)."""
+    storage.as_path(path).write_text(tokenizer.to_str(), encoding="utf-8")
 
 
 def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
@@ -89,13 +91,14 @@ def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
         FileNotFoundError: If there is no file at ``path``.
         ValueError: If the file is not a tokenizer JSON (a pickle, say), naming it.
     """
-    if not os.path.isfile(path):
+    file = storage.as_path(path)
+    if not file.is_file():
         raise FileNotFoundError(
             f"tokenizer file {os.fspath(path)!r} not found: point the tokenizer path of the "
             "config at a tokenizer.json written by save_tokenizer."
         )
     try:
-        return tokenizers.Tokenizer.from_file(os.fspath(path))
+        return tokenizers.Tokenizer.from_str(file.read_text(encoding="utf-8"))
     except Exception as error:  # `tokenizers` raises plain Exceptions for unreadable files
         raise ValueError(
             f"tokenizer file {os.fspath(path)!r} is not a tokenizer JSON written by "

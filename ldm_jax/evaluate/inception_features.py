@@ -10,6 +10,7 @@ and every re-run of one compares against the same statistics without recomputing
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from ldm_jax import storage
 from ldm_jax.data import pipeline
 from ldm_jax.data.transforms import ResizeAndCrop
 from ldm_jax.evaluate import batches
@@ -38,7 +40,7 @@ class InceptionFeatures:
 
     def __init__(self, weights_path: str, mesh: Mesh, image_size: int = IMAGE_SIZE):
         module, params = load_inception(weights_path)
-        self.weights_path, self.mesh = os.path.abspath(weights_path), mesh
+        self.weights_path, self.mesh = storage.as_path(weights_path), mesh
         self.params = jax.device_put(params, sharding.replicated(mesh))
         batch = sharding.batch_sharding(mesh)
         self._features = jax.jit(
@@ -86,18 +88,21 @@ def reference_features(
       image_size: the side the images are resized and cropped to first.
     """
     count = min(count, len(source))
+    weights = storage.as_path(extractor.weights_path)
     key = {
         **description,
         "count": count,
         "image_size": image_size,
-        "inception_weights": os.path.basename(extractor.weights_path),
-        "inception_weights_bytes": os.path.getsize(extractor.weights_path),
+        "inception_weights": weights.name,
+        "inception_weights_bytes": weights.stat().length,
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(workdir, REFERENCE_DIR, f"{digest}.npz")
-    if os.path.isfile(path):
+    path = storage.join(workdir, REFERENCE_DIR, f"{digest}.npz")
+    if storage.as_path(path).is_file():
         try:
-            with np.load(path, allow_pickle=False) as cached:
+            with np.load(
+                io.BytesIO(storage.as_path(path).read_bytes()), allow_pickle=False
+            ) as cached:
                 features = cached["features"]
         except (OSError, ValueError, KeyError) as error:  # pickles are refused, not opened
             raise ValueError(
@@ -109,8 +114,9 @@ def reference_features(
     log.info("FID reference: computing the features of %d dataset images", count)
     features = extractor.of_source(source, count, image_size)
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path, features=features)
-        with open(path.removesuffix(".npz") + ".json", "w", encoding="utf-8") as f:
-            json.dump(key, f, indent=2, sort_keys=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, features=features)
+        storage.write_bytes(path, buffer.getvalue())
+        text = json.dumps(key, indent=2, sort_keys=True)
+        storage.write_text(path.removesuffix(".npz") + ".json", text)
     return features

@@ -8,12 +8,14 @@ reference.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from ldm_jax import storage
 
 # 720 x 420 pixels: wide enough for a legend of several groups beside the axes.
 FIGURE_INCHES = (7.2, 4.2)
@@ -61,10 +63,11 @@ def line_plot(
     x_label: str,
     y_label: str,
 ) -> None:
-    """Writes ``line_figure(lines, ...)`` as a PNG to ``path``, creating its folder."""
+    """Writes ``line_figure(lines, ...)`` as a PNG to ``path`` (a disk or a bucket)."""
     figure = line_figure(lines, title=title, x_label=x_label, y_label=y_label)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, format="png")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def _label(value: object) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from ldm_jax import storage
 from ldm_jax.data import pipeline
 from ldm_jax.data.transforms import ResizeAndCrop
 from ldm_jax.evaluate import batches
@@ -245,10 +245,9 @@ def _write(
     out_dir: str,
     grid_images: int,
 ) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, RESULTS_FILE), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    text = json.dumps(results, indent=2, sort_keys=True)
+    storage.write_text(storage.join(out_dir, RESULTS_FILE), text)
     if grid_images > 0:
         top = np.concatenate(originals)[:grid_images]
         bottom = np.concatenate(reconstructions)[:grid_images]
-        save_grid(np.concatenate([top, bottom]), os.path.join(out_dir, GRID_FILE), len(top))
+        save_grid(np.concatenate([top, bottom]), storage.join(out_dir, GRID_FILE), len(top))

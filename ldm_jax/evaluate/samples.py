@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.data import shapes, shapes_analyzer
 from ldm_jax.pipeline.generator import Generator
 from ldm_jax.pipeline.grids import save_grid
@@ -36,7 +36,7 @@ def evaluate_samples(
     """
     options = generator.options(**overrides)
     name = f"{options.sampler}_{options.num_steps}steps_guidance{options.guidance_scale:g}"
-    out_dir = out_dir or os.path.join(workdir, "eval", name)
+    out_dir = out_dir or storage.join(workdir, "eval", name)
     prompts, labels = zip(*shapes.class_prompts(), strict=True)
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     labels = np.repeat(np.asarray(labels, np.int32), num_per_prompt)
@@ -49,8 +49,7 @@ def evaluate_samples(
         **shapes_analyzer.score(images, labels),
     }
     if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-        save_grid(images, os.path.join(out_dir, "samples.png"), columns=num_per_prompt)
+        text = json.dumps(results, indent=2, sort_keys=True)
+        storage.write_text(storage.join(out_dir, "results.json"), text)
+        save_grid(images, storage.join(out_dir, "samples.png"), columns=num_per_prompt)
     return results, out_dir

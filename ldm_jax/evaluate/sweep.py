@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 
@@ -28,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ldm_jax import config as config_lib
+from ldm_jax import storage
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data import pipeline, shapes, shapes_analyzer
 from ldm_jax.evaluate import batches, sweep_results
@@ -91,10 +91,11 @@ def load_prompts(config, prompts_file: str | None, num_per_prompt: int) -> Promp
     if prompts_file:
         if config.diffusion.conditioning != "text":
             raise ValueError("--prompts_file needs a text-conditioned model")
-        if not os.path.isfile(prompts_file):
+        file = storage.as_path(prompts_file)
+        if not file.is_file():
             raise FileNotFoundError(f"--prompts_file={prompts_file} not found")
-        with open(prompts_file, encoding="utf-8") as f:
-            texts = [line.strip() for line in f if line.strip()]
+        lines = file.read_text(encoding="utf-8").splitlines()
+        texts = [line.strip() for line in lines if line.strip()]
         if not texts:
             raise ValueError(f"--prompts_file={prompts_file} holds no prompts (one per line)")
         labels = None
@@ -250,7 +251,7 @@ def run_sample_sweep(
     """
     points = parse_sweep(spec)
     swept = list(points[0])
-    out_dir = out_dir or os.path.join(workdir, SWEEP_DIR, f"sweep-{sweep_name(points)}")
+    out_dir = out_dir or storage.join(workdir, SWEEP_DIR, f"sweep-{sweep_name(points)}")
     config = config_lib.load_workdir_config(workdir) if config is None else config
     prompts = load_prompts(config, prompts_file, num_per_prompt)
     checkpointer = Checkpointer(
@@ -309,7 +310,7 @@ def run_sample_sweep(
             grid = samples["images"][:GRID_MAX_IMAGES]
             columns = prompts.num_per_prompt if prompts.num_per_prompt > 1 else None
             grids.save_grid(
-                grid, os.path.join(out_dir, GRID_DIR, f"{_point_name(point)}.png"), columns
+                grid, storage.join(out_dir, GRID_DIR, f"{_point_name(point)}.png"), columns
             )
             sweep_results.write_rows(out_dir, rows, spec)
     # The rows of this spec's points, in its order (rows of other specs stay in the files).

@@ -9,11 +9,12 @@ settings equal a point's is that point done, and a re-run skips it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from collections.abc import Sequence
 
+from ldm_jax import storage
 from ldm_jax.evaluate.plots import line_plot
 
 RESULTS_JSON, RESULTS_CSV = "results.json", "results.csv"
@@ -43,39 +44,30 @@ def settings_key(settings: dict) -> str:
 
 def read_rows(out_dir: str) -> list[Row]:
     """The rows of an earlier run of the sweep (none when it has not run)."""
-    path = os.path.join(out_dir, RESULTS_JSON)
-    if not os.path.isfile(path):
+    path = storage.as_path(out_dir) / RESULTS_JSON
+    if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["rows"]
+    return json.loads(path.read_text(encoding="utf-8"))["rows"]
 
 
 def write_rows(out_dir: str, rows: Sequence[Row], spec: str) -> None:
     """Writes ``results.json`` and ``results.csv`` (atomically: a stopped sweep keeps the
     points it finished)."""
-    os.makedirs(out_dir, exist_ok=True)
-    _replace(
-        os.path.join(out_dir, RESULTS_JSON),
+    storage.write_text(
+        storage.join(out_dir, RESULTS_JSON),
         json.dumps({"sweep": spec, "rows": list(rows)}, indent=2, sort_keys=True),
     )
     setting_names = list(dict.fromkeys(k for r in rows for k in r["settings"]))
     metric_names = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
-    csv_path = os.path.join(out_dir, RESULTS_CSV)
-    with open(csv_path + ".tmp", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(setting_names + metric_names)
-        for row in rows:
-            writer.writerow(
-                [row["settings"].get(k, "") for k in setting_names]
-                + [row["metrics"].get(k, "") for k in metric_names]
-            )
-    os.replace(csv_path + ".tmp", csv_path)
-
-
-def _replace(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(setting_names + metric_names)
+    for row in rows:
+        writer.writerow(
+            [row["settings"].get(k, "") for k in setting_names]
+            + [row["metrics"].get(k, "") for k in metric_names]
+        )
+    storage.write_text(storage.join(out_dir, RESULTS_CSV), table.getvalue())
 
 
 def _headline(rows: Sequence[Row]) -> list[str]:
@@ -98,7 +90,7 @@ def write_plots(out_dir: str, rows: Sequence[Row], swept: Sequence[str]) -> list
             value = row["metrics"].get(metric)
             y = float(value) if value is not None else math.nan
             lines.setdefault(legend, []).append((row["settings"][x_key], y))
-        path = os.path.join(out_dir, f"plot-{metric}.png")
+        path = storage.join(out_dir, f"plot-{metric}.png")
         line_plot(lines, path, title=f"{metric} against {x_key}", x_label=x_key, y_label=metric)
         paths.append(path)
     return paths

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.data.clip_tokenizer import (
     FAST_TOKENIZER_FILE,
     TOKENIZER_FILES,
@@ -88,14 +88,14 @@ def rename_attention(text: str, renames: Mapping[str, str]) -> str:
 
 
 def _read_text_config(path: str) -> dict[str, Any]:
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(config_path):
+    config_path = storage.join(path, CONFIG_FILE)
+    config_file = storage.as_path(config_path)
+    if not config_file.is_file():
         raise FileNotFoundError(
             f"{config_path} not found: a CLIP text encoder directory needs the "
             f"{CONFIG_FILE} and {WEIGHTS_FILE} written by transformers' save_pretrained."
         )
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = json.loads(config_file.read_text())
     model_type = config.get("model_type", TEXT_MODEL_TYPES[0])
     if model_type not in TEXT_MODEL_TYPES:
         raise ValueError(
@@ -204,13 +204,22 @@ def load_clip_text_encoder(
 
 
 def _find_tokenizer_dir(path: str) -> str | None:
-    sibling = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+    sibling = os.fspath(storage.as_path(path).parent / "tokenizer")
     for candidate in (path, sibling):
-        if any(
-            os.path.isfile(os.path.join(candidate, n)) for n in (VOCAB_FILE, FAST_TOKENIZER_FILE)
-        ):
+        folder = storage.as_path(candidate)
+        if any((folder / name).is_file() for name in (VOCAB_FILE, FAST_TOKENIZER_FILE)):
             return candidate
     return None
+
+
+def copy_tokenizer(source: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Copies the tokenizer files of `source` that exist into `out_dir` (either may be in a
+    bucket), creating `out_dir`."""
+    source_folder, out_folder = storage.as_path(source), storage.as_path(out_dir)
+    out_folder.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source_folder / name).is_file():
+            (out_folder / name).write_bytes((source_folder / name).read_bytes())
 
 
 def save_clip_text_encoder(
@@ -232,8 +241,8 @@ def save_clip_text_encoder(
       config: further config fields (`extras["config"]` of `load_clip_text_encoder`:
         `eos_token_id`, ...); CLIP's defaults otherwise.
     """
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    out_folder = storage.as_path(out_dir)
+    out_folder.mkdir(parents=True, exist_ok=True)
     passthrough = {key: CONFIG_DEFAULTS[key] for key in PASSTHROUGH_CONFIG_KEYS}
     text_config = {
         "architectures": ["CLIPTextModel"],
@@ -249,18 +258,14 @@ def save_clip_text_encoder(
         "hidden_act": module.activation,
         "layer_norm_eps": module.layer_norm_eps,
     }
-    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(text_config, f, indent=2, sort_keys=True)
+    (out_folder / CONFIG_FILE).write_text(json.dumps(text_config, indent=2, sort_keys=True))
     state_dict = {
         TEXT_MODEL_PREFIX + rename_attention(name, TORCH_ATTENTION_NAMES): value
         for name, value in flax_to_torch(params).items()
     }
-    write_safetensors(state_dict, os.path.join(out_dir, WEIGHTS_FILE))
+    write_safetensors(state_dict, out_folder / WEIGHTS_FILE)
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            source = os.path.join(os.fspath(tokenizer_dir), name)
-            if os.path.isfile(source):
-                shutil.copyfile(source, os.path.join(out_dir, name))
+        copy_tokenizer(tokenizer_dir, out_folder)
 
 
 def load_clip_model(path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> ImportedModel:
@@ -284,8 +289,7 @@ def load_clip_model(path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) 
     """
     path = os.fspath(path)
     text_config = _read_text_config(path)
-    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
-        config = json.load(f)
+    config = json.loads((storage.as_path(path) / CONFIG_FILE).read_text())
     if "vision_config" not in config:
         raise ValueError(
             f"--clip_weights={path}: {CONFIG_FILE} has no vision_config; the CLIP score needs a "
@@ -352,11 +356,10 @@ def load_clip_model(path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) 
 
 def _image_normalisation(path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The RGB mean and std of the directory's image processor, else OpenAI CLIP's."""
-    config_path = os.path.join(path, PREPROCESSOR_FILE)
-    if not os.path.isfile(config_path):
+    config_file = storage.as_path(path) / PREPROCESSOR_FILE
+    if not config_file.is_file():
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    with open(config_path, encoding="utf-8") as f:
-        processor = json.load(f)
+    processor = json.loads(config_file.read_text())
     return (
         tuple(processor.get("image_mean", OPENAI_CLIP_MEAN)),
         tuple(processor.get("image_std", OPENAI_CLIP_STD)),

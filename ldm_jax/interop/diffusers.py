@@ -12,7 +12,6 @@ map one to one through `convert.torch_to_flax` / `flax_to_torch` (a `VQModel`'s 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.interop.convert import ImportedModel, flax_to_torch, torch_to_flax
 from ldm_jax.interop.diffusers_autoencoder_config import (
     VAE_CLASS_NAME,
@@ -231,27 +231,25 @@ def _abstract_vae_params(vae: AutoencoderKL | VQAutoencoder) -> Any:
 
 
 def _read_model_directory(path: str, class_name: str) -> tuple[dict, dict[str, np.ndarray]]:
-    if os.path.isfile(path):
+    if storage.as_path(path).is_file():
         refuse_pickle(path)
         raise FileNotFoundError(
             f"{path} is a file; pass the diffusers {class_name} directory that holds "
             f"{CONFIG_NAME} and {WEIGHTS_STEM}.safetensors."
         )
     weights_path = find_weights_file(path, _WEIGHTS_STEMS)
-    config_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(config_path):
+    config_path = storage.join(path, CONFIG_NAME)
+    config_file = storage.as_path(config_path)
+    if not config_file.is_file():
         raise FileNotFoundError(
             f"{config_path} not found: a diffusers {class_name} directory holds {CONFIG_NAME} "
             f"beside its weights (of a pipeline, pass its unet/ or vae/ folder)."
         )
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    return config, read_safetensors(weights_path)
+    return json.loads(config_file.read_text()), read_safetensors(weights_path)
 
 
 def _write_model_directory(out_dir: str, config: dict, state_dict: dict[str, np.ndarray]) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    write_safetensors(state_dict, os.path.join(out_dir, f"{WEIGHTS_STEM}.safetensors"))
+    folder = storage.as_path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_safetensors(state_dict, storage.join(out_dir, f"{WEIGHTS_STEM}.safetensors"))

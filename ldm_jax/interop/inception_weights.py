@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.interop.convert import (
     WeightsMismatchError,
     check_float_dtype,
@@ -86,7 +87,7 @@ def load_inception(
     """
     path = os.fspath(path)
     command = CONVERT_COMMAND.format(out=path)
-    if not os.path.isfile(path):
+    if not storage.as_path(path).is_file():
         raise FileNotFoundError(
             f"--inception_weights={path} not found. Write it from pytorch-fid's published "
             f"weights with: {command}"
@@ -169,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         convert_inception(args.pt, args.out)
     except (FileNotFoundError, WeightsMismatchError) as error:
         raise SystemExit(f"error: {error}") from None
-    megabytes = os.path.getsize(args.out) / 1e6
+    megabytes = storage.as_path(args.out).stat().length / 1e6
     print(f"wrote {args.out} ({len(inception_param_shapes())} tensors, {megabytes:.1f} MB)")
 
 

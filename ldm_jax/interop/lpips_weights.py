@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.interop.convert import (
     WeightsMismatchError,
     check_float_dtype,
@@ -87,7 +88,7 @@ def load_lpips(path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> tu
     """
     path = os.fspath(path)
     command = CONVERT_COMMAND.format(out=path)
-    if not os.path.isfile(path):
+    if not storage.as_path(path).is_file():
         raise FileNotFoundError(
             f"LPIPS weights file {path} not found. Write it from the published VGG16 and LPIPS "
             f"weights with:\n  {command}"
@@ -215,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         convert_lpips(args.vgg, args.heads, args.out)
     except (FileNotFoundError, WeightsMismatchError) as error:
         raise SystemExit(f"error: {error}") from None
-    megabytes = os.path.getsize(args.out) / 1e6
+    megabytes = storage.as_path(args.out).stat().length / 1e6
     print(
         f"wrote {args.out} ({len(lpips_param_shapes())} tensors, {megabytes:.1f} MB): "
         f"VGG16 features from {args.vgg}, LPIPS heads from {args.heads}"

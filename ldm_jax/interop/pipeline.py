@@ -16,13 +16,12 @@ loadable by that diffusers pipeline's `from_pretrained`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from typing import Any
 
-from ldm_jax.data.clip_tokenizer import TOKENIZER_FILES
+from ldm_jax import storage
 from ldm_jax.interop import clip as clip_interop
 from ldm_jax.interop import diffusers as diffusers_interop
+from ldm_jax.interop.clip import copy_tokenizer
 from ldm_jax.interop.convert import ImportedModel
 from ldm_jax.interop.diffusers_config import (
     DIFFUSERS_VERSION,
@@ -101,10 +100,10 @@ def scheduler_config(schedule: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
+    file = storage.as_path(path)
+    if not file.is_file():
         raise FileNotFoundError(f"{path} not found")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(file.read_text())
 
 
 def load_diffusers_pipeline(path: str) -> dict[str, Any]:
@@ -125,26 +124,26 @@ def load_diffusers_pipeline(path: str) -> dict[str, Any]:
     Raises:
       FileNotFoundError: `model_index.json` or a component is missing (named).
     """
-    index = _read_json(os.path.join(path, "model_index.json"))
+    index = _read_json(storage.join(path, "model_index.json"))
     folder = VQ_AUTOENCODER_FOLDER if VQ_AUTOENCODER_FOLDER in index else AUTOENCODER_FOLDER
     for component in ("unet", folder):
         if component not in index:
             raise FileNotFoundError(f"{path}/model_index.json lists no {component!r} component")
-    unet = diffusers_interop.load_diffusers_unet(os.path.join(path, "unet"))
-    sample_size = _read_json(os.path.join(path, "unet", "config.json")).get("sample_size") or 64
-    vae = diffusers_interop.load_diffusers_vae(os.path.join(path, folder))
-    vae_config = _read_json(os.path.join(path, folder, "config.json"))
+    unet = diffusers_interop.load_diffusers_unet(storage.join(path, "unet"))
+    sample_size = _read_json(storage.join(path, "unet", "config.json")).get("sample_size") or 64
+    vae = diffusers_interop.load_diffusers_vae(storage.join(path, folder))
+    vae_config = _read_json(storage.join(path, folder, "config.json"))
     if isinstance(vae.module, VQAutoencoder) and "scaling_factor" not in vae_config:
         vae = ImportedModel(vae.module, vae.params, {**vae.extras, "scaling_factor": 1.0})
     text_encoder, tokenizer = None, None
     if index.get("text_encoder", [None])[0] is not None:
-        text_encoder = clip_interop.load_clip_text_encoder(os.path.join(path, "text_encoder"))
-        tokenizer = os.path.join(path, "tokenizer")
-        if not os.path.isdir(tokenizer):
+        text_encoder = clip_interop.load_clip_text_encoder(storage.join(path, "text_encoder"))
+        tokenizer = storage.join(path, "tokenizer")
+        if not storage.as_path(tokenizer).is_dir():
             raise FileNotFoundError(f"{tokenizer} not found: the pipeline's CLIP tokenizer")
-    scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
+    scheduler = storage.join(path, "scheduler", "scheduler_config.json")
     schedule = schedule_from_scheduler_config(
-        _read_json(scheduler) if os.path.isfile(scheduler) else {}
+        _read_json(scheduler) if storage.as_path(scheduler).is_file() else {}
     )
     return dict(
         unet=unet,
@@ -154,14 +153,6 @@ def load_diffusers_pipeline(path: str) -> dict[str, Any]:
         schedule=schedule,
         sample_size=int(sample_size),
     )
-
-
-def copy_tokenizer(source: str, out_dir: str) -> None:
-    """Copies the tokenizer files of `source` that exist into `out_dir`."""
-    os.makedirs(out_dir, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
 
 
 def save_diffusers_pipeline(
@@ -186,19 +177,20 @@ def save_diffusers_pipeline(
     """
     unet_class = check_diffusers_pipeline(unet.module, vae.module, text_encoder)
     folder = autoencoder_folder(vae.module)
-    os.makedirs(out_dir, exist_ok=True)
+    out_folder = storage.as_path(out_dir)
     diffusers_interop.save_diffusers_unet(
         unet.module,
         unet.params,
-        os.path.join(out_dir, "unet"),
+        storage.join(out_dir, "unet"),
         sample_size=unet.extras.get("sample_size"),
     )
     diffusers_interop.save_diffusers_vae(
-        vae.module, vae.params, os.path.join(out_dir, folder), vae.extras["scaling_factor"]
+        vae.module, vae.params, storage.join(out_dir, folder), vae.extras["scaling_factor"]
     )
-    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-    with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(scheduler_config(schedule), f, indent=2)
+    (out_folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out_folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(scheduler_config(schedule), indent=2)
+    )
     index = {
         "_diffusers_version": DIFFUSERS_VERSION,
         "unet": ["diffusers", unet_class],
@@ -219,14 +211,13 @@ def save_diffusers_pipeline(
         clip_interop.save_clip_text_encoder(
             text_encoder.module,
             text_encoder.params,
-            os.path.join(out_dir, "text_encoder"),
+            storage.join(out_dir, "text_encoder"),
             config=text_encoder.extras.get("config"),
         )
-        copy_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer"))
+        copy_tokenizer(tokenizer, storage.join(out_dir, "tokenizer"))
         index["text_encoder"] = ["transformers", "CLIPTextModel"]
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-    with open(os.path.join(out_dir, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+    (out_folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def check_diffusers_pipeline(unet: Any, vae: Any, text_encoder: ImportedModel | None) -> str:

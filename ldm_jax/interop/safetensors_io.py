@@ -13,7 +13,9 @@ import os
 from collections.abc import Mapping
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+import safetensors.numpy
+
+from ldm_jax import storage
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # A pickle starts with the PROTO opcode 0x80; torch.save writes a zip archive ("PK").
@@ -36,11 +38,13 @@ class PickleRefusedError(ValueError):
     """A pickled weights file was given; the message says how to convert it."""
 
 
-def refuse_pickle(path: str) -> None:
+def refuse_pickle(path: str | os.PathLike) -> None:
     """Raises `PickleRefusedError` if `path` is a pickled (or torch zip) file."""
+    path = os.fspath(path)
+    file = storage.as_path(path)
     is_pickle = path.lower().endswith(PICKLE_SUFFIXES)
-    if not is_pickle and os.path.isfile(path):
-        with open(path, "rb") as f:
+    if not is_pickle and file.is_file():
+        with file.open("rb") as f:
             head = f.read(9)
         # A safetensors file starts with an 8-byte header length (any first byte, 0x80
         # included) followed by the JSON header's "{".
@@ -53,29 +57,32 @@ def refuse_pickle(path: str) -> None:
         )
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of one safetensors file, or of a sharded set through its index JSON.
 
     Args:
-      path: a `.safetensors` file, or a `*.safetensors.index.json` index of shards.
+      path: a `.safetensors` file, or a `*.safetensors.index.json` index of shards, on a
+        disk or in a bucket.
 
     Raises:
       FileNotFoundError: `path` does not exist.
       PickleRefusedError: `path` is a pickled checkpoint.
       ValueError: the file is not valid safetensors.
     """
-    if not os.path.exists(path):
+    path = os.fspath(path)
+    file = storage.as_path(path)
+    if not file.exists():
         raise FileNotFoundError(f"weights file {path} not found")
     refuse_pickle(path)
     if path.endswith(".index.json"):
-        with open(path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = json.loads(file.read_text())["weight_map"]
         tensors: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
-            tensors.update(read_safetensors(os.path.join(os.path.dirname(path), shard)))
+            tensors.update(read_safetensors(storage.join(os.path.dirname(path), shard)))
         return tensors
+    data = file.read_bytes()  # through epath (a bucket too), not by name in safetensors' Rust
     try:
-        return load_file(path)
+        return safetensors.numpy.load(data)
     except Exception as error:  # safetensors raises its own untyped errors on bad headers
         raise ValueError(f"{path} is not a valid safetensors file: {error}") from error
 
@@ -91,7 +98,8 @@ def read_converter_input(path: str, flag: str) -> dict[str, np.ndarray]:
         PickleRefusedError: torch's weights-only loader refused the pickle (it holds other
             objects than tensors and plain containers, or is corrupt), naming ``flag``.
     """
-    if not os.path.isfile(path):
+    file = storage.as_path(path)
+    if not file.is_file():
         raise FileNotFoundError(f"{flag}={path} not found")
     try:
         refuse_pickle(path)
@@ -99,7 +107,8 @@ def read_converter_input(path: str, flag: str) -> dict[str, np.ndarray]:
         import torch  # only the converters read pickles; the runtime never needs torch
 
         try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            with file.open("rb") as f:
+                state_dict = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises an UnpicklingError, among others
             raise PickleRefusedError(
                 f"{flag}={path}: torch's weights-only loader refused this pickle "
@@ -115,31 +124,37 @@ def read_converter_input(path: str, flag: str) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(
-    tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None
+    tensors: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Writes `tensors` (contiguous copies) to `path`, creating its folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Writes `tensors` (contiguous copies) to `path` (a file or a bucket object), creating
+    its folder."""
+    file = storage.as_path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
-    save_file(contiguous, path, metadata=dict(metadata or {"format": "pt"}))
+    file.write_bytes(
+        safetensors.numpy.save(contiguous, metadata=dict(metadata or {"format": "pt"}))
+    )
 
 
-def find_weights_file(directory: str, stems: tuple[str, ...]) -> str:
+def find_weights_file(directory: str | os.PathLike, stems: tuple[str, ...]) -> str:
     """The safetensors weights in `directory`: `<stem>.safetensors` or its sharded index.
 
     Raises:
       FileNotFoundError: none found; the message lists what the directory has, and says
         when only pickled weights are there.
     """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory} is not a directory")
+    folder = storage.as_path(directory)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{os.fspath(directory)} is not a directory")
     for stem in stems:
         for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json"):
-            candidate = os.path.join(directory, name)
-            if os.path.isfile(candidate):
-                return candidate
-    present = sorted(os.listdir(directory))
+            if (folder / name).is_file():
+                return storage.join(directory, name)
+    present = sorted(child.name for child in folder.iterdir())
     pickled = [name for name in present if name.lower().endswith(PICKLE_SUFFIXES)]
     if pickled:
-        refuse_pickle(os.path.join(directory, pickled[0]))
+        refuse_pickle(storage.join(directory, pickled[0]))
     expected = ", ".join(f"{stem}.safetensors" for stem in stems)
-    raise FileNotFoundError(f"no {expected} in {directory} (it has: {present})")
+    raise FileNotFoundError(f"no {expected} in {os.fspath(directory)} (it has: {present})")

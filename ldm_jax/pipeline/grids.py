@@ -10,12 +10,11 @@ low-resolution images are the inputs of a super-resolution model.
 from __future__ import annotations
 
 import math
-import os
 
 import ml_collections
 import numpy as np
-from PIL import Image
 
+from ldm_jax import storage
 from ldm_jax.config import num_classes
 from ldm_jax.data import degradation, shapes
 from ldm_jax.pipeline.datasets import validation_records
@@ -43,10 +42,9 @@ def make_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) 
 
 
 def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> np.ndarray:
-    """Writes ``make_grid(images)`` as a PNG (creating folders) and returns the grid."""
+    """Writes ``make_grid(images)`` as a PNG (on a disk or in a bucket) and returns the grid."""
     grid = make_grid(images, columns)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    storage.write_png(path, grid)
     return grid
 
 

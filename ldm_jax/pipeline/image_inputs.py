@@ -9,17 +9,19 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from ldm_jax import storage
 from ldm_jax.data import masks
 
 CLI_MODES = ("txt2img", "img2img", "inpaint", "outpaint", "sr")
 
 
 def read_image(path: str | None, flag: str, mode: str) -> np.ndarray:
-    """uint8 (H, W, 3) RGB of the PNG (or any PIL-readable image) at ``path``."""
+    """uint8 (H, W, 3) RGB of the PNG (or any PIL-readable image) at ``path`` (a file or a
+    bucket object)."""
     if not path:
         raise ValueError(f"--mode={mode} needs {flag}=PNG")
     try:
-        with Image.open(path) as image:
+        with storage.as_path(path).open("rb") as file, Image.open(file) as image:
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError) as error:
         raise ValueError(f"{flag}={path} cannot be read as an image: {error}") from None

@@ -11,8 +11,6 @@ fine-tunes it.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +18,7 @@ import jax
 import ml_collections
 
 from ldm_jax import config as config_lib
+from ldm_jax import storage
 from ldm_jax.interop import clip as clip_interop
 from ldm_jax.interop import single_file
 from ldm_jax.interop.convert import ImportedModel
@@ -134,7 +133,7 @@ def _write_workdir(
 ) -> None:
     """The weights as a diffusers pipeline folder (the workdir is one) plus config.json."""
     config_lib.validate(config, jax.device_count())
-    if os.path.exists(os.path.join(workdir, "config.json")):
+    if storage.as_path(workdir).joinpath(config_lib.WORKDIR_CONFIG_FILE).exists():
         raise FileExistsError(
             f"{workdir} already holds a run (config.json): import into a new --workdir"
         )
@@ -147,8 +146,7 @@ def _write_workdir(
         log.info("%s; keeping the weights as %s", no_pipeline, SINGLE_FILE_NAME)
         if pipeline["text_encoder"] is not None:
             raise
-        os.makedirs(workdir, exist_ok=True)
-        single_file.save_single_file(os.path.join(workdir, SINGLE_FILE_NAME), unet=unet, vae=vae)
+        single_file.save_single_file(storage.join(workdir, SINGLE_FILE_NAME), unet=unet, vae=vae)
         config.diffusion.unet.pretrained = config.autoencoder.pretrained = SINGLE_FILE_NAME
     else:
         save_diffusers_pipeline(
@@ -159,8 +157,9 @@ def _write_workdir(
             text_encoder=pipeline["text_encoder"],
             tokenizer=pipeline["tokenizer"],
         )
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config_lib.to_json(config))
+    storage.write_text(
+        storage.join(workdir, config_lib.WORKDIR_CONFIG_FILE), config_lib.to_json(config)
+    )
 
 
 def import_model(
@@ -235,13 +234,13 @@ def _single_file_pipeline(
 
 def _import_clip(path: str, workdir: str) -> str:
     imported = clip_interop.load_clip_text_encoder(path)
-    target = os.path.join(workdir, "text_encoder")
-    if os.path.exists(target):
+    target = storage.join(workdir, "text_encoder")
+    if storage.as_path(target).exists():
         raise FileExistsError(f"{target} exists: import the text encoder into a new --workdir")
     clip_interop.save_clip_text_encoder(
         imported.module, imported.params, target, config=imported.extras.get("config")
     )
-    copy_tokenizer(path, os.path.join(workdir, "tokenizer"))
+    copy_tokenizer(path, storage.join(workdir, "tokenizer"))
     return (
         f"imported the CLIP text encoder {path} into {target}; train a U-Net on it with "
         f"--workdir={workdir} --config.diffusion.text_encoder.kind=clip "
@@ -303,7 +302,8 @@ def export_diffusers(
       raw: a workdir's online params instead of their EMA.
       config: a workdir's config with overrides (its mesh), default its own.
     """
-    if os.path.exists(out_dir) and os.listdir(out_dir):
+    out_path = storage.as_path(out_dir)
+    if out_path.exists() and any(out_path.iterdir()):
         raise FileExistsError(f"--out={out_dir} exists and is not empty")
     if isinstance(workdir_or_components, str):
         components = workdir_components(workdir_or_components, raw, config)
@@ -342,9 +342,9 @@ def export_workdir(
 
 def _note_scratch_text_encoder(workdir: str, out: str) -> None:
     """A from-scratch text encoder has no diffusers class: its tokenizer goes along."""
-    source = os.path.join(workdir, TOKENIZER_FILE)
-    if os.path.isfile(source):
-        shutil.copyfile(source, os.path.join(out, "ldm_jax_tokenizer.json"))
+    source = storage.as_path(workdir) / TOKENIZER_FILE
+    if source.is_file():
+        storage.write_bytes(storage.join(out, "ldm_jax_tokenizer.json"), source.read_bytes())
     log.info(
         "the workdir's text encoder is this package's own (not CLIP): %s has the U-Net, "
         "autoencoder and scheduler only",

@@ -10,7 +10,6 @@ config describes, and place them on the mesh.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +19,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from ldm_jax import config as config_lib
+from ldm_jax import storage
 from ldm_jax.data.clip_tokenizer import ClipTokenizer
 from ldm_jax.interop import clip as clip_interop
 from ldm_jax.interop import diffusers as diffusers_interop
@@ -32,7 +32,7 @@ from ldm_jax.pipeline.workdir import resolve
 
 def _read(path: str, part: str) -> ImportedModel:
     """The `part` ("unet" or "vae") of a diffusers model folder or an original single file."""
-    if path.endswith(".safetensors") and os.path.isfile(path):
+    if path.endswith(".safetensors") and storage.as_path(path).is_file():
         components = single_file.load_single_file(path)
         if part not in components:
             raise config_lib.ConfigError(f"{path} holds no {part}")

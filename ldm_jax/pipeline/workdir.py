@@ -15,6 +15,8 @@ import os
 import jax
 import ml_collections
 
+from ldm_jax import storage
+
 AUTOENCODER = "autoencoder"
 DIFFUSION = "diffusion"
 STAGES = (AUTOENCODER, DIFFUSION)
@@ -27,7 +29,7 @@ def checkpoint_dir(workdir: str, stage: str) -> str:
     """The checkpoints of ``stage`` ("autoencoder" or "diffusion")."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is not one of {STAGES}")
-    return os.path.join(workdir, "checkpoints", stage)
+    return storage.join(workdir, "checkpoints", stage)
 
 
 def autoencoder_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -37,23 +39,22 @@ def autoencoder_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def resolve(workdir: str, path: str) -> str:
     """``path`` as given when absolute, else inside ``workdir``."""
-    return path if os.path.isabs(path) else os.path.join(workdir, path)
+    return path if os.path.isabs(path) or storage.is_remote(path) else storage.join(workdir, path)
 
 
 def write_latent_scale(workdir: str, scale: float, autoencoder_step: int) -> None:
     """Records the latent scale measured on the autoencoder of ``autoencoder_step``."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, LATENT_SCALE_FILE), "w", encoding="utf-8") as f:
-            json.dump({"latent_scale": scale, "autoencoder_step": autoencoder_step}, f)
+        record = {"latent_scale": scale, "autoencoder_step": autoencoder_step}
+        storage.as_path(workdir).joinpath(LATENT_SCALE_FILE).write_text(json.dumps(record))
 
 
 def read_latent_scale(workdir: str, autoencoder_step: int) -> float | None:
     """The stored latent scale if it was measured on the autoencoder at ``autoencoder_step``."""
-    path = os.path.join(workdir, LATENT_SCALE_FILE)
-    if not os.path.exists(path):
+    path = storage.as_path(workdir) / LATENT_SCALE_FILE
+    if not path.exists():
         return None
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
+    record = json.loads(path.read_text(encoding="utf-8"))
     if record["autoencoder_step"] != autoencoder_step:
         return None
     return float(record["latent_scale"])

@@ -3,15 +3,16 @@ an iterator of global sharded batches (the source itself is ``pipeline.datasets`
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from ldm_jax import storage
 from ldm_jax.data import degradation, masks, pipeline, shapes, tokenizer, transforms
 from ldm_jax.data.image_folder import ImageFolderSource
 from ldm_jax.parallel import sharding
@@ -34,12 +35,14 @@ def caption_words(data: ml_collections.ConfigDict, source: Any) -> list[str]:
 
 
 def load_or_build_tokenizer(workdir: str, data: ml_collections.ConfigDict, source: Any):
-    """The run's word tokenizer: built once from the captions, then read from the workdir."""
-    path = os.path.join(workdir, TOKENIZER_FILE)
-    if os.path.exists(path):
+    """The run's word tokenizer: built once from the captions (by every process alike, saved
+    by process 0), then read from the workdir."""
+    path = storage.join(workdir, TOKENIZER_FILE)
+    if storage.as_path(path).exists():
         return tokenizer.load_tokenizer(path)
     tok = tokenizer.build_word_tokenizer(caption_words(data, source))
-    tokenizer.save_tokenizer(tok, path)
+    if jax.process_index() == 0:
+        tokenizer.save_tokenizer(tok, path)
     return tok
 
 

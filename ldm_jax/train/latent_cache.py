@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +27,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from ldm_jax import config as config_lib
+from ldm_jax import storage
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data import latent_cache, pipeline
 from ldm_jax.data.transforms import ResizeAndCrop
@@ -177,14 +177,14 @@ def cache_description(
     if data.source == "shapes":
         source["seed"] = config.seed  # shapes records depend on the seed
     elif data.source == "image_folder":
-        source["path"] = os.path.abspath(data.path)
+        source["path"] = str(storage.as_path(data.path))
     elif data.source == "tfds":
         source.update(tfds_name=data.tfds_name, tfds_data_dir=data.tfds_data_dir)
     kind = config.autoencoder.kind
     if config.autoencoder.pretrained:
         autoencoder, step = {"kind": kind, "pretrained": config.autoencoder.pretrained}, None
     else:
-        ae_workdir = os.path.abspath(workdir_lib.autoencoder_workdir(config, workdir))
+        ae_workdir = str(storage.as_path(workdir_lib.autoencoder_workdir(config, workdir)))
         checkpointer = Checkpointer(
             workdir_lib.checkpoint_dir(ae_workdir, workdir_lib.AUTOENCODER),
             async_checkpointing=False,
@@ -209,7 +209,8 @@ def _existing_cache(out_dir: str, description: dict[str, Any]) -> dict[str, Any]
     Raises:
       FileExistsError: if ``out_dir`` holds another cache or files that are not a cache's.
     """
-    if not os.path.isdir(out_dir):
+    folder = storage.as_path(out_dir)
+    if not folder.is_dir():
         return None
     existing = latent_cache.read_metadata(out_dir)
     if existing is not None:
@@ -229,7 +230,7 @@ def _existing_cache(out_dir: str, description: dict[str, Any]) -> dict[str, Any]
             ) from None
         return existing
     stale = set(latent_cache.shard_files(out_dir))
-    foreign = sorted(set(os.listdir(out_dir)) - stale)
+    foreign = sorted({p.name for p in folder.iterdir()} - stale)
     if foreign:
         raise FileExistsError(
             f"--out={out_dir} is not empty and holds no latent cache (found {foreign[:5]}); "
@@ -238,7 +239,7 @@ def _existing_cache(out_dir: str, description: dict[str, Any]) -> dict[str, Any]
     if stale and jax.process_index() == 0:
         log.info("removing %d shards of an unfinished cache in %s", len(stale), out_dir)
         for name in stale:
-            os.remove(os.path.join(out_dir, name))
+            (folder / name).unlink()
     return None
 
 

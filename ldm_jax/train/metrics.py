@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 
 import jax
 import numpy as np
+
+from ldm_jax import storage
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsWriter:
@@ -22,16 +25,16 @@ class MetricsWriter:
             return
         from tensorboardX import SummaryWriter
 
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard", stage))
+        storage.register_tensorboard_writers()
+        self._jsonl = storage.open_for_append(storage.join(workdir, METRICS_FILE))
+        self._tensorboard = SummaryWriter(storage.join(workdir, "tensorboard", stage))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self._active:
             return
         scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
         record = {"stage": self.stage, "step": int(step), "time": time.time(), **scalars}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write((json.dumps(record) + "\n").encode("utf-8"))
         self._jsonl.flush()
         for name, value in scalars.items():
             self._tensorboard.add_scalar(f"{self.stage}/{name}", value, step)

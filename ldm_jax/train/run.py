@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Callable
 
 import jax
 import ml_collections
 
 from ldm_jax import config as config_lib
+from ldm_jax import storage
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.train import autoencoder, diffusion
 
@@ -39,10 +38,8 @@ def train(
         jax.process_count(),
     )
     if jax.process_index() == 0:
-        with open(
-            os.path.join(workdir, config_lib.WORKDIR_CONFIG_FILE), "w", encoding="utf-8"
-        ) as f:
-            f.write(config_lib.to_json(config))
+        config_file = storage.as_path(workdir) / config_lib.WORKDIR_CONFIG_FILE
+        config_file.write_text(config_lib.to_json(config), encoding="utf-8")
     stages = {"autoencoder": autoencoder, "diffusion": diffusion}
     for name in ("autoencoder", "diffusion"):
         if name == "autoencoder" and config.autoencoder.pretrained:
@@ -56,23 +53,14 @@ def train(
 
 
 def check_workdir(workdir: str, min_free_gib: float) -> None:
-    """Fails before any compilation when ``workdir`` cannot be created or written, or its
-    disk has less than ``min_free_gib`` GiB free (the stages check again, with the size of
-    their checkpoints, once their state is built)."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-        with open(probe, "w", encoding="utf-8") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as error:
+    """Fails before any compilation when ``workdir`` cannot be created or written (a disk
+    folder, or a bucket prefix: a bucket that does not exist or is not writable), or its disk
+    has less than ``min_free_gib`` GiB free (the stages check again, with the size of their
+    checkpoints, once their state is built)."""
+    storage.check_writable(workdir, "--workdir")
+    free = storage.free_bytes(workdir)
+    if free is not None and free / 1024**3 < min_free_gib:
         raise OSError(
-            f"--workdir={workdir} is not a writable directory ({error.strerror or error}); "
-            "choose another --workdir"
-        ) from error
-    free_gib = shutil.disk_usage(workdir).free / 1024**3
-    if free_gib < min_free_gib:
-        raise OSError(
-            f"--workdir={workdir} has {free_gib:.2f} GiB free, less than "
+            f"--workdir={workdir} has {free / 1024**3:.2f} GiB free, less than "
             f"config.train.min_free_gib={min_free_gib}; free space or choose another --workdir"
         )

@@ -4,8 +4,10 @@ import pickle
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from gcs_emulator import emulated_bucket
 from PIL import Image
 
+from ldm_jax import storage
 from ldm_jax.data.tfds_source import TfdsSource
 
 _NUM_TRAIN = 5
@@ -98,3 +100,14 @@ def test_missing_dataset_names_the_config_keys_and_prepares_nothing(tmp_path, na
     with pytest.raises(FileNotFoundError, match=r"tfds_name.*tfds_data_dir"):
         TfdsSource(name, "train", str(tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+def test_a_dataset_in_a_bucket_reads_as_from_a_disk(data_dir, tmp_path):
+    with emulated_bucket(tmp_path) as bucket:
+        storage.upload(data_dir, f"{bucket}/tfds")
+        remote = TfdsSource("ldm_jax_tiny_captions", "train", f"{bucket}/tfds")
+        local = TfdsSource("ldm_jax_tiny_captions", "train", data_dir)
+        assert len(remote) == len(local) == _NUM_TRAIN
+        for index in range(_NUM_TRAIN):
+            np.testing.assert_array_equal(remote[index]["image"], local[index]["image"])
+        assert remote.data_dir == f"{bucket}/tfds"

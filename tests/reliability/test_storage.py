@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 from toy_training import ToyState, logged, toy_config, train_toy
 
-from ldm_jax import checkpoint as checkpoint_lib
+from ldm_jax import storage
 from ldm_jax.checkpoint import Checkpointer, CheckpointSaveError
 from ldm_jax.train import run as run_lib
 
@@ -31,7 +31,7 @@ def test_a_workdir_that_cannot_be_created_is_one_line_before_any_compilation(tmp
 
 
 def test_a_full_disk_is_refused_naming_the_flag(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_lib.shutil, "disk_usage", lambda _: Usage(10 * GIB, 0, GIB // 2))
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda _: Usage(10 * GIB, 0, GIB // 2))
     with pytest.raises(OSError, match=r"has 0\.50 GiB free, less than config\.train\.min_free"):
         run_lib.check_workdir(str(tmp_path / "run"), min_free_gib=1.0)
     run_lib.check_workdir(str(tmp_path / "run"), min_free_gib=0.25)  # enough: no error
@@ -41,9 +41,7 @@ def test_checkpoint_space_counts_the_checkpoints_still_to_write(tmp_path, monkey
     state = ToyState(jnp.zeros((), jnp.int32), {"w": jnp.zeros((1024, 1024), jnp.float32)})
     checkpointer = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3)
     free = {"bytes": int(0.5 * GIB + 2.5 * 4 * 1024**2)}  # room for 2 of 3 checkpoints
-    monkeypatch.setattr(
-        checkpoint_lib.shutil, "disk_usage", lambda _: Usage(10 * GIB, 0, free["bytes"])
-    )
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda _: Usage(10 * GIB, 0, free["bytes"]))
     with pytest.raises(CheckpointSaveError, match=r"3 checkpoint\(s\) .*max_to_keep"):
         checkpointer.check_space(state, min_free_gib=0.5)
     free["bytes"] += 4 * 1024**2
@@ -51,7 +49,7 @@ def test_checkpoint_space_counts_the_checkpoints_still_to_write(tmp_path, monkey
 
 
 def test_a_full_disk_stops_training_before_the_first_step(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint_lib.shutil, "disk_usage", lambda _: Usage(10 * GIB, 0, GIB))
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda _: Usage(10 * GIB, 0, GIB))
     tiny_config.train.min_free_gib = 0.999  # the workdir check passes; the checkpoints don't
     with pytest.raises(CheckpointSaveError, match="autoencoder"):
         run_lib.train(tiny_config, str(tmp_path))

@@ -40,6 +40,20 @@ _COMMIT_FILE = "commit_success.txt"
 _GIB = 1024**3
 
 
+# Bucket schemes whose checkpoints orbax (0.12) cannot write: it builds TensorStore specs for
+# local paths and gs:// only (an s3:// step folder becomes "s3:/bucket/...", "not absolute").
+UNSUPPORTED_SCHEMES = ("s3://",)
+
+
+def check_location(directory: str, flag: str = "--workdir") -> None:
+    """Raises OSError, one line naming ``flag``, for a place orbax cannot checkpoint to."""
+    if str(directory).startswith(UNSUPPORTED_SCHEMES):
+        raise OSError(
+            f"{flag}={directory}: orbax cannot write checkpoints to s3:// buckets; keep the "
+            "workdir on gs:// or a filesystem every host mounts (data may stay on s3://)"
+        )
+
+
 class CheckpointSaveError(OSError):
     """A checkpoint save (possibly in the background) did not produce its checkpoint."""
 
@@ -59,6 +73,7 @@ class Checkpointer:
         async_checkpointing: bool = True,
         pack_max_bytes: int = PACK_MAX_BYTES,
     ):
+        check_location(directory, flag="checkpoint directory")
         self.directory = str(storage.as_path(directory))  # orbax takes absolute paths only
         self.max_to_keep = max_to_keep
         self.pack_max_bytes = pack_max_bytes  # 0: every array saved on its own

@@ -104,3 +104,15 @@ def test_appends_writes_and_local_copies_in_a_bucket(tmp_path):
         storage.check_writable(f"{bucket}/run", "--workdir")
         with pytest.raises(OSError, match="--workdir=gs://no-such-bucket-here/run is not"):
             storage.check_writable("gs://no-such-bucket-here/run", "--workdir")
+
+
+def test_an_s3_workdir_is_refused_before_anything_runs(tmp_path):
+    """orbax 0.12 cannot checkpoint to s3:// (it makes the step folder "s3:/bucket/..."): the
+    run says so in one line instead of failing at its first save."""
+    from ldm_jax.checkpoint import Checkpointer
+    from ldm_jax.train import run
+
+    with pytest.raises(OSError, match=r"--workdir=s3://bucket/run: orbax cannot write"):
+        run.check_workdir("s3://bucket/run", min_free_gib=0)
+    with pytest.raises(OSError, match="orbax cannot write"):
+        Checkpointer("s3://bucket/run/checkpoints/diffusion")

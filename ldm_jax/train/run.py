@@ -8,8 +8,8 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
+from ldm_jax import checkpoint, storage
 from ldm_jax import config as config_lib
-from ldm_jax import storage
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.train import autoencoder, diffusion
 
@@ -57,6 +57,7 @@ def check_workdir(workdir: str, min_free_gib: float) -> None:
     folder, or a bucket prefix: a bucket that does not exist or is not writable), or its disk
     has less than ``min_free_gib`` GiB free (the stages check again, with the size of their
     checkpoints, once their state is built)."""
+    checkpoint.check_location(workdir)
     storage.check_writable(workdir, "--workdir")
     free = storage.free_bytes(workdir)
     if free is not None and free / 1024**3 < min_free_gib:

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from gcs_emulator import emulated_bucket
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ldm_jax import storage
 from ldm_jax.checkpoint import PACK_MAX_BYTES, Checkpointer, pack_small_arrays, read_arrays
 from ldm_jax.parallel import mesh as mesh_lib
 
@@ -171,3 +173,18 @@ def test_a_part_of_the_state_restores_alone_onto_its_shardings(tmp_path, pack_ma
     )
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Checkpointer(str(tmp_path / "empty")).restore_part(part)
+
+
+def test_in_a_bucket_a_step_without_its_commit_file_is_half_written_and_removed(tmp_path):
+    """On GCS orbax writes a step in place and marks it complete last (commit_success.txt):
+    a step a killed run left without it is removed, and the newest complete one restores."""
+    with emulated_bucket(tmp_path) as bucket:
+        directory = f"{bucket}/run/checkpoints/diffusion"
+        replicated = NamedSharding(mesh_lib.create_mesh(data=-1), P())
+        state = _state(lambda _: replicated)
+        Checkpointer(directory, async_checkpointing=False).save(3, state)
+        storage.write_text(f"{directory}/5/state/partial", "a save stopped here")
+        checkpointer = Checkpointer(directory)
+        assert checkpointer.latest_step() == 3
+        assert not storage.as_path(f"{directory}/5").exists()
+        assert _equal(checkpointer.restore(_abstract(state, lambda _: replicated)), state)

@@ -132,7 +132,7 @@ def write_safetensors(
     its folder."""
     file = storage.as_path(path)
     file.parent.mkdir(parents=True, exist_ok=True)
-    contiguous = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    contiguous = {name: np.require(value, requirements="C") for name, value in tensors.items()}
     file.write_bytes(
         safetensors.numpy.save(contiguous, metadata=dict(metadata or {"format": "pt"}))
     )

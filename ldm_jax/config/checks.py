@@ -9,6 +9,8 @@ an image the autoencoder and the U-Net can halve), then the files a run reads.
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from ldm_jax import storage
@@ -17,6 +19,7 @@ from ldm_jax.config.schema import (
     CONDITIONINGS,
     DISCRIMINATOR_LOSSES,
     DTYPES,
+    FINETUNE_METHODS,
     NONFINITE_POLICIES,
     PIXEL_LOSSES,
     SOURCES,
@@ -41,6 +44,7 @@ from ldm_jax.config.values import (
     lookup,
     number,
     positive,
+    sequence,
     shown,
     text,
 )
@@ -57,7 +61,7 @@ from ldm_jax.models.unet import ATTENTION_TYPES as UNET_ATTENTION_TYPES
 from ldm_jax.models.unet import REMAT_POLICIES
 from ldm_jax.parallel import mesh as mesh_lib
 
-OPTIMIZER_STAGES = ("autoencoder", "diffusion")
+OPTIMIZER_STAGES = ("autoencoder", "diffusion", "finetune")
 
 
 def _check_mesh(config: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -370,6 +374,44 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
     number(config, "train.min_free_gib", 0.0)
 
 
+def _check_finetune(config: ml_collections.ConfigDict) -> None:
+    key = "finetune"
+    text(config, f"{key}.base")
+    choice(config, f"{key}.method", FINETUNE_METHODS)
+    integer(config, f"{key}.lora.rank", 1, MAX_WIDTH)
+    positive(config, f"{key}.lora.alpha")
+    targets = sequence(config, f"{key}.lora.targets", "module names or patterns")
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(
+            f"config.{key}.lora.targets={shown(targets)} must name the modules to adapt: "
+            "'attention', 'feed_forward', 'projections', 'convolutions' or regular expressions"
+        )
+    for target in targets:
+        try:
+            re.compile(target)
+        except re.error as error:
+            raise ConfigError(
+                f"config.{key}.lora.targets: {target!r} is not a regular expression ({error})"
+            ) from None
+    number(config, f"{key}.lora.rank_dropout", 0.0, 1.0, high_open=True)
+    boolean(config, f"{key}.train_text_encoder")
+    instance_prompt = text(config, f"{key}.instance_prompt")
+    class_prompt = text(config, f"{key}.class_prompt")
+    integer(config, f"{key}.num_class_images", 1)
+    number(config, f"{key}.prior_loss_weight", 0.0)
+    if class_prompt and not instance_prompt:
+        raise ConfigError(
+            f"config.{key}.class_prompt is set (prior preservation) but "
+            f"config.{key}.instance_prompt is empty: set the prompt naming the instance "
+            "images' subject, e.g. --config.finetune.instance_prompt='a sks dog'"
+        )
+    if (instance_prompt or class_prompt) and config.diffusion.conditioning != "text":
+        raise ConfigError(
+            f"config.{key}.instance_prompt / class_prompt need a text-conditioned model, but "
+            f"config.diffusion.conditioning={config.diffusion.conditioning!r}"
+        )
+
+
 def _check_files(config: ml_collections.ConfigDict) -> None:
     """The data, weight and cache paths a run reads exist."""
     data = config.data
@@ -397,6 +439,17 @@ def _check_files(config: ml_collections.ConfigDict) -> None:
             "it with `python -m ldm_jax.interop.lpips_weights --vgg=... --heads=... --out=...` "
             "or leave it empty to train without the perceptual loss"
         )
+    base = config.finetune.base
+    if config.stage == "finetune" and not base:
+        raise ConfigError(
+            "config.stage='finetune' needs the model to fine-tune: set --config.finetune.base "
+            "to its workdir (or use --config=configs/finetune.py:VARIANT,BASE_WORKDIR)"
+        )
+    if config.stage == "finetune" and not storage.as_path(base).joinpath("config.json").exists():
+        raise ConfigError(
+            f"config.finetune.base={base!r} is not a workdir (it holds no config.json): set "
+            "--config.finetune.base to a workdir written by `ldm-jax train` or `ldm-jax import`"
+        )
     text = config.diffusion.text_encoder
     if text.kind == "clip" and not text.pretrained:
         raise ConfigError(
@@ -421,6 +474,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, check_files: b
     _check_diffusion(config)
     _check_sample(config)
     _check_train(config)
+    _check_finetune(config)
     for stage in OPTIMIZER_STAGES:
         _check_optimizer(config, stage, shards)
     if check_files:

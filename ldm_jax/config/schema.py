@@ -20,7 +20,8 @@ from ldm_jax.parallel import mesh as mesh_lib
 
 # The values of the config's choices that no lower layer defines (the samplers, schedules,
 # remat policies, ... are the diffusion and model layers' own).
-STAGES = ("both", "autoencoder", "diffusion")
+STAGES = ("both", "autoencoder", "diffusion", "finetune")
+FINETUNE_METHODS = ("lora", "full")
 SOURCES = ("shapes", "image_folder", "tfds")
 CONDITIONINGS = ("text", "class", "none")
 TEXT_ENCODER_KINDS = ("scratch", "clip")
@@ -213,6 +214,35 @@ def base_config() -> ml_collections.ConfigDict:
                 skip_last_layers=0,
             ),
             train=_optimizer(steps=5000, batch_size=64, learning_rate=5e-4).to_dict(),
+        )
+    )
+
+    # Fine-tuning a trained or imported model (config.stage = "finetune"; configs/finetune.py):
+    # LoRA adapters or every U-Net weight, on config.data, as DreamBooth with an
+    # instance prompt (and prior preservation with a class prompt).
+    config.finetune = ml_collections.ConfigDict(
+        dict(
+            # The workdir of the model to fine-tune (`ldm-jax train` or `ldm-jax import`).
+            base="",
+            # "lora": low-rank adapters, the base frozen; "full": every U-Net weight.
+            method="lora",
+            # Rank, alpha (the adapters' scale is alpha / rank), the modules adapted (named
+            # sets of models/lora.py's TARGET_SETS, or regular expressions searched in the
+            # module path) and kohya's rank dropout (per step).
+            lora=dict(rank=4, alpha=4.0, targets=("attention",), rank_dropout=0.0),
+            # Train the text encoder too: adapters on its attention with method "lora", its
+            # weights with "full" (a from-scratch encoder, or the CLIP text model).
+            train_text_encoder=False,
+            # DreamBooth: every training image is captioned with this prompt (it names the
+            # subject or style by an identifier, "a sks circle"); empty: the data's captions.
+            instance_prompt="",
+            # Prior preservation: the base model first draws num_class_images images of
+            # this prompt ("a circle", into the workdir's class_images/), trained beside the
+            # instance images with the loss weight prior_loss_weight; empty: off.
+            class_prompt="",
+            num_class_images=100,
+            prior_loss_weight=1.0,
+            train=_optimizer(steps=500, batch_size=8, learning_rate=1e-4).to_dict(),
         )
     )
 

@@ -10,6 +10,8 @@ configured mesh, sampled, and moved to and from other weight formats.
 - ``grids``: PNG grids and what the preview grids show.
 - ``datasets``: the dataset a config names; ``pretrained``: imported weights a config names.
 - ``workdir``: where a workdir keeps what; ``import_export``: ``ldm-jax import`` / ``export``.
+- ``finetuned``: a fine-tune workdir's base and trained part (LoRA adapters or weights) put
+  together, and LoRA files merged into a model (``--lora``).
 
 Nothing here imports the trainer (``ldm_jax.train``); training, evaluation and the commands
 build and load models through this package.

@@ -20,6 +20,7 @@ import ml_collections
 from ldm_jax import config as config_lib
 from ldm_jax import storage
 from ldm_jax.interop import clip as clip_interop
+from ldm_jax.interop import lora as lora_files
 from ldm_jax.interop import single_file
 from ldm_jax.interop.convert import ImportedModel
 from ldm_jax.interop.formats import EXPORT_FORMATS, IMPORT_FORMATS
@@ -32,6 +33,7 @@ from ldm_jax.interop.pipeline import (
 )
 from ldm_jax.models import UNet, VQAutoencoder
 from ldm_jax.parallel import sharding
+from ldm_jax.pipeline import finetuned, load
 from ldm_jax.pipeline.load import load_model
 from ldm_jax.pipeline.workdir import TOKENIZER_FILE, resolve
 
@@ -349,4 +351,29 @@ def _note_scratch_text_encoder(workdir: str, out: str) -> None:
         "the workdir's text encoder is this package's own (not CLIP): %s has the U-Net, "
         "autoencoder and scheduler only",
         out,
+    )
+
+
+def export_lora(
+    workdir: str,
+    out: str,
+    format: str,
+    raw: bool = False,
+    config: ml_collections.ConfigDict | None = None,
+) -> str:
+    """Writes the LoRA adapters a fine-tune workdir trained as one safetensors file in the
+    diffusers (peft) or the kohya layout (``ldm-jax export --what=lora --format=...``)."""
+    config = config_lib.load_workdir_config(workdir) if config is None else config
+    if not finetuned.is_finetune(config):
+        raise ValueError(
+            f"--what=lora exports the adapters of a fine-tune workdir, and {workdir} is not one "
+            "(train one with --config=configs/finetune.py:lora,BASE_WORKDIR)"
+        )
+    _, trained, step = load.load_finetuned_parts(workdir, config, raw=raw)
+    weights = finetuned.trained_lora(config, trained)
+    lora_files.save_lora(out, weights, format)
+    size = storage.as_path(out).stat().length
+    return (
+        f"exported the LoRA of {workdir} (step {step}, {'online' if raw else 'EMA'} params, "
+        f"rank {weights.rank}, {format} layout, {size / 1e6:.2f} MB) to {out}"
     )

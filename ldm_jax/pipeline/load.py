@@ -31,10 +31,10 @@ from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data import tokenizer as tokenizer_lib
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
-from ldm_jax.pipeline import builders, pretrained
+from ldm_jax.pipeline import builders, finetuned, pretrained
 from ldm_jax.pipeline import workdir as workdir_lib
 from ldm_jax.pipeline.generator import Generator
-from ldm_jax.pipeline.model import LatentDiffusion
+from ldm_jax.pipeline.model import LatentDiffusion, init_trained_params
 
 log = logging.getLogger(__name__)
 
@@ -205,25 +205,6 @@ def load_conditioning(
     return clip_tokenizer.tokenizer, module, {"text_encoder": params}
 
 
-def init_trained_params(key: jax.Array, *, model: LatentDiffusion, max_caption_length: int) -> dict:
-    """Fresh params of what stage 2 trains: the U-Net, and a from-scratch text encoder."""
-    unet_key, text_key = jax.random.split(key)
-    # The U-Net's input: the latents and any concatenated conditioning images.
-    latents = jnp.zeros((1, *model.latent_shape[:2], model.unet.in_channels), jnp.float32)
-    timesteps = jnp.zeros((1,), jnp.int32)
-    params, context, labels = {}, None, None
-    if model.conditioning == "text" and model.frozen_text_encoder:
-        context = jnp.zeros((1, max_caption_length, model.unet.context_dim), jnp.float32)
-    elif model.conditioning == "text":
-        tokens = jnp.zeros((1, max_caption_length), jnp.int32)
-        params["text_encoder"] = model.text_encoder.init(text_key, tokens)["params"]
-        context = model.text_encoder.apply({"params": params["text_encoder"]}, tokens)
-    elif model.conditioning == "class":
-        labels = jnp.zeros((1,), jnp.int32)
-    params["unet"] = model.unet.init(unet_key, latents, timesteps, context, labels)["params"]
-    return params
-
-
 def load_trained_params(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -239,28 +220,43 @@ def load_trained_params(
     Raises:
       FileNotFoundError: when there is neither, naming what to run.
     """
-    checkpointer = Checkpointer(
-        workdir_lib.checkpoint_dir(workdir, workdir_lib.DIFFUSION), async_checkpointing=False
-    )
-    latest = checkpointer.latest_step()
     init = lambda key: init_trained_params(  # noqa: E731
         key, model=model, max_caption_length=config.data.max_caption_length
     )
     abstract, shardings = sharding.abstract_state(init, mesh, rules, jax.random.key(0))
-    try:
-        if latest is None and step is None and config.diffusion.unet.pretrained:
+    directory = workdir_lib.checkpoint_dir(workdir, workdir_lib.DIFFUSION)
+    if step is None and config.diffusion.unet.pretrained:
+        checkpointer = Checkpointer(directory, async_checkpointing=False)
+        latest = checkpointer.latest_step()
+        checkpointer.close()
+        if latest is None:
             host = {"unet": pretrained.initial_unet_params(config, workdir)}
             with jax.set_mesh(mesh):
                 return jax.device_put(host, {"unet": shardings["unet"]}), None
+    return restore_params(directory, abstract, step, raw, "stage-2", "the diffusion stage")
+
+
+def restore_params(
+    directory: str, abstract: Any, step: int | None, raw: bool, what: str, stage: str
+) -> tuple[Any, int]:
+    """The EMA (``raw``: online) params of a train state's checkpoint in ``directory``, the
+    newest or ``step``, restored into the shardings ``abstract`` carries.
+
+    Raises:
+      FileNotFoundError: naming ``what`` checkpoint is missing and the ``stage`` to train.
+    """
+    checkpointer = Checkpointer(directory, async_checkpointing=False)
+    try:
+        latest = checkpointer.latest_step()
         if latest is None:
             raise FileNotFoundError(
-                f"no stage-2 checkpoint in {checkpointer.directory}: train the diffusion "
-                "stage first (ldm-jax train)"
+                f"no {what} checkpoint in {checkpointer.directory}: train {stage} first "
+                "(ldm-jax train)"
             )
         if step is not None and step not in checkpointer.all_steps():
             saved = ", ".join(map(str, checkpointer.all_steps()))
             raise FileNotFoundError(
-                f"no stage-2 checkpoint of step {step} in {checkpointer.directory} (saved: {saved})"
+                f"no {what} checkpoint of step {step} in {checkpointer.directory} (saved: {saved})"
             )
         step = latest if step is None else step
         path = DIFFUSION_PARAMS["online" if raw else "ema"]
@@ -268,6 +264,35 @@ def load_trained_params(
         return _get(restored, path), step
     finally:
         checkpointer.close()
+
+
+def load_finetuned_parts(
+    workdir: str, config: ml_collections.ConfigDict, step: int | None = None, raw: bool = False
+) -> tuple[LoadedModel, dict, int]:
+    """A fine-tune workdir's base model and what the run trained (adapters or weights, EMA
+    or ``raw`` online, of the newest checkpoint or ``step``), both on the config's mesh.
+
+    Returns:
+      (base model, trained params, checkpoint step).
+    """
+    base_dir = finetuned.base_workdir(config)
+    base = load_model(base_dir, finetuned.base_config(config))
+    _, rules = inference_mesh(config)
+    init = lambda key: finetuned.init_finetuned(key, config=config, model=base.model)  # noqa: E731
+    abstract, _ = sharding.abstract_state(init, base.mesh, rules, jax.random.key(0))
+    directory = workdir_lib.checkpoint_dir(workdir, workdir_lib.FINETUNE)
+    trained, step = restore_params(directory, abstract, step, raw, "fine-tune", "it")
+    log.info("loaded fine-tune step %d from %s on the base %s", step, workdir, base_dir)
+    return base, trained, step
+
+
+def _load_finetuned(
+    workdir: str, config: ml_collections.ConfigDict, step: int | None, raw: bool
+) -> LoadedModel:
+    """A fine-tune workdir's model: its base, with the trained adapters or weights applied."""
+    base, trained, step = load_finetuned_parts(workdir, config, step, raw)
+    params = finetuned.compose(base.params, trained, config)
+    return LoadedModel(base.model, params, base.tokenizer, config, base.mesh, step)
 
 
 def load_model(
@@ -286,6 +311,8 @@ def load_model(
       raw: the online params instead of their EMA.
     """
     config = config_lib.load_workdir_config(workdir) if config is None else config
+    if finetuned.is_finetune(config):
+        return _load_finetuned(workdir, config, step, raw)
     mesh, rules = inference_mesh(config)
     autoencoder = load_autoencoder(config, workdir, mesh, rules)
     if autoencoder.latent_scale is None:

@@ -173,3 +173,22 @@ class LatentDiffusion:
             {"params": params["autoencoder"]}, latents / self.latent_scale, method="decode"
         )
         return pixels_to_uint8(pixels)
+
+
+def init_trained_params(key: jax.Array, *, model: LatentDiffusion, max_caption_length: int) -> dict:
+    """Fresh params of what stage 2 trains: the U-Net, and a from-scratch text encoder."""
+    unet_key, text_key = jax.random.split(key)
+    # The U-Net's input: the latents and any concatenated conditioning images.
+    latents = jnp.zeros((1, *model.latent_shape[:2], model.unet.in_channels), jnp.float32)
+    timesteps = jnp.zeros((1,), jnp.int32)
+    params, context, labels = {}, None, None
+    if model.conditioning == "text" and model.frozen_text_encoder:
+        context = jnp.zeros((1, max_caption_length, model.unet.context_dim), jnp.float32)
+    elif model.conditioning == "text":
+        tokens = jnp.zeros((1, max_caption_length), jnp.int32)
+        params["text_encoder"] = model.text_encoder.init(text_key, tokens)["params"]
+        context = model.text_encoder.apply({"params": params["text_encoder"]}, tokens)
+    elif model.conditioning == "class":
+        labels = jnp.zeros((1,), jnp.int32)
+    params["unet"] = model.unet.init(unet_key, latents, timesteps, context, labels)["params"]
+    return params

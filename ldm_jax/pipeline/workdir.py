@@ -1,6 +1,7 @@
 """Where a workdir keeps what: the one description of its layout.
 
-A workdir holds everything of one run: ``config.json``, ``checkpoints/{autoencoder,diffusion}/``,
+A workdir holds everything of one run: ``config.json``, ``checkpoints/{autoencoder,diffusion}/``
+(a fine-tune run's: ``checkpoints/finetune/`` and its ``class_images/``),
 the word tokenizer of a from-scratch text encoder (``tokenizer.json``), the latent scale
 measured on the trained autoencoder (``latent_scale.json``), ``metrics.jsonl``, TensorBoard
 events, ``samples/`` and evaluation outputs; an imported one also holds its weights as
@@ -19,14 +20,17 @@ from ldm_jax import storage
 
 AUTOENCODER = "autoencoder"
 DIFFUSION = "diffusion"
-STAGES = (AUTOENCODER, DIFFUSION)
+FINETUNE = "finetune"
+STAGES = (AUTOENCODER, DIFFUSION, FINETUNE)
 TOKENIZER_FILE = "tokenizer.json"
 LATENT_SCALE_FILE = "latent_scale.json"
 SAMPLES_DIR = "samples"
+# The images of DreamBooth's prior preservation, drawn by the base model once.
+CLASS_IMAGES_DIR = "class_images"
 
 
 def checkpoint_dir(workdir: str, stage: str) -> str:
-    """The checkpoints of ``stage`` ("autoencoder" or "diffusion")."""
+    """The checkpoints of ``stage`` ("autoencoder", "diffusion" or "finetune")."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is not one of {STAGES}")
     return storage.join(workdir, "checkpoints", stage)

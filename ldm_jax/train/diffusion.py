@@ -28,8 +28,7 @@ from ldm_jax.pipeline import builders, grids, pretrained
 from ldm_jax.pipeline import workdir as workdir_lib
 from ldm_jax.pipeline.datasets import make_source
 from ldm_jax.pipeline.generator import Generator
-from ldm_jax.pipeline.load import init_trained_params
-from ldm_jax.pipeline.model import LatentDiffusion, pixels_from_uint8
+from ldm_jax.pipeline.model import LatentDiffusion, init_trained_params, pixels_from_uint8
 from ldm_jax.train import accumulate, latent_cache, random_streams
 from ldm_jax.train import data as data_lib
 from ldm_jax.train import frozen as frozen_inputs
@@ -93,7 +92,8 @@ def diffusion_losses(
     Args:
       params: the trained params and the frozen ones but the autoencoder's.
       inputs: "latents", "condition" (or None), "concat" (or None: see
-        ``LatentDiffusion.concat_input``) and the draws of ``example_draws``.
+        ``LatentDiffusion.concat_input``), the draws of ``example_draws`` and optionally
+        each example's "loss_weight" (DreamBooth's prior preservation).
       dropout_key: the U-Net's dropout key.
       model: the stage-2 model.
       min_snr_gamma: see ``diffusion.diffusion_loss``.
@@ -104,7 +104,7 @@ def diffusion_losses(
         condition = model.drop_condition(condition, inputs["drop"])
     concat, rngs = inputs["concat"], {"dropout": dropout_key}
     output = model.predict(params, z_t, t, condition, concat=concat, train=True, rngs=rngs)
-    loss, _ = diffusion.diffusion_loss(
+    loss, per_example = diffusion.diffusion_loss(
         model.schedule,
         model.prediction_type,
         output.astype(jnp.float32),
@@ -113,6 +113,8 @@ def diffusion_losses(
         t,
         min_snr_gamma,
     )
+    if inputs.get("loss_weight") is not None:
+        loss = jnp.mean(per_example * inputs["loss_weight"])
     return loss, {"loss": loss}
 
 
@@ -141,11 +143,16 @@ def train_step(
     min_snr_gamma: float | None,
     grad_accum_steps: int = 1,
     parallel_microbatches: bool = False,
+    compose_params: Callable[[Any, dict, jax.Array], dict] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on ``batch``, its gradient accumulated over ``grad_accum_steps`` microbatches
     (encoding included, so only a microbatch's activations are alive at a time), or averaged
     over that many microbatches computed as independent branches with
-    ``parallel_microbatches`` (see ``accumulate.accumulated_gradients``)."""
+    ``parallel_microbatches`` (see ``accumulate.accumulated_gradients``).
+
+    ``compose_params(trained, frozen, key)`` makes the params the model computes with from the
+    trained ones and the frozen ones but the autoencoder's (fine-tuning: adapters applied to
+    a frozen base); by default the two are put together."""
     batch_size = jax.tree.leaves(batch)[0].shape[0]
     draws, dropout_key = example_draws(
         jax.random.fold_in(root_key, state.step),
@@ -169,11 +176,17 @@ def train_step(
             "latents": latents,
             "condition": microbatch.get(condition_key) if condition_key else None,
             "concat": None if concat is None else jax.lax.stop_gradient(concat),
+            "loss_weight": microbatch.get("loss_weight"),
         }
+        if compose_params is None:
+            model_params, model_key = {**params, **frozen_modules}, key
+        else:
+            model_key, compose_key = jax.random.split(key)
+            model_params = compose_params(params, frozen_modules, compose_key)
         return diffusion_losses(
-            {**params, **frozen_modules},
+            model_params,
             losses_inputs,
-            key,
+            model_key,
             model=model,
             min_snr_gamma=min_snr_gamma,
         )

@@ -19,6 +19,9 @@ LATENT_SCALE = 3
 DIFFUSION_INIT = 11
 DIFFUSION_DATA = 11
 DIFFUSION_STEPS = 12
+FINETUNE_INIT = 21
+FINETUNE_DATA = 21
+FINETUNE_STEPS = 22
 
 
 def step_key(seed: int, stream: int) -> jax.Array:

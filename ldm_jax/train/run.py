@@ -11,7 +11,7 @@ import ml_collections
 from ldm_jax import checkpoint, storage
 from ldm_jax import config as config_lib
 from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.train import autoencoder, diffusion
+from ldm_jax.train import autoencoder, diffusion, finetune
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,8 @@ def train(
     workdir: str,
     should_stop: Callable[[int], bool] | None = None,
 ) -> bool:
-    """Trains the stages ``config.stage`` names, resuming from checkpoints in ``workdir``.
+    """Trains the stages ``config.stage`` names (or fine-tunes ``config.finetune.base``),
+    resuming from checkpoints in ``workdir``.
 
     Returns:
       True when every stage reached its step count; False when ``should_stop`` ended the run
@@ -40,6 +41,9 @@ def train(
     if jax.process_index() == 0:
         config_file = storage.as_path(workdir) / config_lib.WORKDIR_CONFIG_FILE
         config_file.write_text(config_lib.to_json(config), encoding="utf-8")
+    if config.stage == "finetune":
+        state = finetune.train(config, workdir, mesh, rules, should_stop)
+        return int(state.step) >= config.finetune.train.steps
     stages = {"autoencoder": autoencoder, "diffusion": diffusion}
     for name in ("autoencoder", "diffusion"):
         if name == "autoencoder" and config.autoencoder.pretrained:

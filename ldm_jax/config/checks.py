@@ -394,6 +394,13 @@ def _check_finetune(config: ml_collections.ConfigDict) -> None:
                 f"config.{key}.lora.targets: {target!r} is not a regular expression ({error})"
             ) from None
     number(config, f"{key}.lora.rank_dropout", 0.0, 1.0, high_open=True)
+    base_dtype = choice(config, f"{key}.base_dtype", DTYPES)
+    if base_dtype != "float32" and config.finetune.method != "lora":
+        raise ConfigError(
+            f"config.{key}.base_dtype={base_dtype!r} keeps a frozen base in that type, but "
+            f"config.{key}.method={config.finetune.method!r} trains the base: use method 'lora' "
+            "or base_dtype 'float32'"
+        )
     boolean(config, f"{key}.train_text_encoder")
     instance_prompt = text(config, f"{key}.instance_prompt")
     class_prompt = text(config, f"{key}.class_prompt")

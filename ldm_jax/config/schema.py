@@ -230,6 +230,9 @@ def base_config() -> ml_collections.ConfigDict:
             # sets of models/lora.py's TARGET_SETS, or regular expressions searched in the
             # module path) and kohya's rank dropout (per step).
             lora=dict(rank=4, alpha=4.0, targets=("attention",), rank_dropout=0.0),
+            # The frozen base's params in "bfloat16" (half the memory; the adapted kernels are
+            # computed in float32) or "float32". LoRA only: full fine-tuning trains the base.
+            base_dtype="float32",
             # Train the text encoder too: adapters on its attention with method "lora", its
             # weights with "full" (a from-scratch encoder, or the CLIP text model).
             train_text_encoder=False,

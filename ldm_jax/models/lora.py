@@ -180,7 +180,8 @@ def adapted(
     rank_dropout: float = 0.0,
     dropout_key: jax.Array | None = None,
 ) -> Any:
-    """``params`` with the kernels of every adapted module replaced by ``W + Σ scale·down@up``.
+    """``params`` with the kernels of every adapted module replaced by ``W + Σ scale·down@up``
+    (in the wider of the two types: a bfloat16 base with float32 adapters gives float32).
 
     Args:
       params: the base params tree (unboxed).
@@ -226,7 +227,10 @@ def adapted(
                 f"the LoRA of {'/'.join(path)} has the shape {change.shape}, but the model's "
                 f"kernel is {kernel.shape}: it was made for another model"
             )
-        module["kernel"] = kernel + change.astype(kernel.dtype)
+        # A base kept in a narrower type (bfloat16) is widened to the adapters' type, so that
+        # small updates are not rounded away.
+        dtype = jnp.promote_types(kernel.dtype, change.dtype)
+        module["kernel"] = kernel.astype(dtype) + change.astype(dtype)
     return out
 
 

@@ -153,28 +153,45 @@ def parse_lora_flag(value: str) -> tuple[str, float]:
     return value, 1.0
 
 
-def with_lora_files(params: dict, flags: Sequence[str]) -> dict:
-    """``params`` with the LoRA files of ``--lora=FILE[:SCALE]`` (repeatable) merged into the
-    kernels they adapt, each with its own scale (times its file's alpha / rank).
+def read_lora_flags(flags: Sequence[str]) -> list[tuple[str, lora_files.LoraWeights, float]]:
+    """The LoRA files of ``--lora=FILE[:SCALE]`` (repeatable), read before any model is
+    loaded: (flag, weights, scale) each.
 
     Raises:
-      FileNotFoundError, ValueError: a missing file, a file that is not a LoRA, or a LoRA
-        made for another model, in one line naming the file.
+      FileNotFoundError, ValueError: a missing file, a bad scale or a file that is not a
+        LoRA, in one line naming the flag.
     """
-    loras: dict[str, list] = {}
+    read = []
     for flag in flags:
         path, strength = parse_lora_flag(flag)
         if not storage.as_path(path).exists():
             raise FileNotFoundError(f"--lora={flag}: {path} does not exist")
-        weights = lora_files.load_lora(path)
+        try:
+            read.append((flag, lora_files.load_lora(path), strength))
+        except ValueError as error:
+            raise ValueError(f"--lora={flag}: {error}") from None
+    return read
+
+
+def with_lora_files(
+    params: dict, loras: Sequence[tuple[str, lora_files.LoraWeights, float]]
+) -> dict:
+    """``params`` with the LoRAs of ``read_lora_flags`` merged into the kernels they adapt,
+    each with its own scale (times its file's alpha / rank).
+
+    Raises:
+      ValueError: a LoRA made for another model, in one line naming the flag.
+    """
+    by_part: dict[str, list] = {}
+    for flag, weights, strength in loras:
         try:
             lora_files.check_lora(weights, params.get("unet"), params.get("text_encoder"))
         except ValueError as error:
             raise ValueError(f"--lora={flag}: {error}") from None
         for part, adapters in weights.components().items():
-            loras.setdefault(part, []).append((adapters, weights.scale * strength))
+            by_part.setdefault(part, []).append((adapters, weights.scale * strength))
     out = dict(params)
-    for part, pairs in loras.items():
+    for part, pairs in by_part.items():
         out[part] = lora.adapted(params[part], pairs)
     return out
 

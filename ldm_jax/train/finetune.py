@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -80,11 +81,23 @@ def stage_functions(config: ml_collections.ConfigDict, model: Any) -> tuple[Call
 
 
 def frozen_params(config: ml_collections.ConfigDict, base_params: dict, model: Any) -> dict:
-    """The base params a step takes as frozen inputs (see ``stage_functions``)."""
+    """The base params a step takes as frozen inputs (see ``stage_functions``): with LoRA,
+    every part, the adapted ones in ``finetune.base_dtype``."""
     if config.finetune.method == "lora":
-        return dict(base_params)
+        dtype = jnp.dtype(config.finetune.base_dtype)
+        parts = finetuned.trained_parts(config, model)
+        return {k: _cast(v, dtype) if k in parts else v for k, v in base_params.items()}
     trained = finetuned.trained_parts(config, model)
     return {k: v for k, v in base_params.items() if k not in trained}
+
+
+def _cast(params: Any, dtype: jnp.dtype) -> Any:
+    """Floating params in ``dtype``, each keeping its sharding."""
+    if dtype == jnp.float32:
+        return params
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    return jax.jit(lambda tree: jax.tree.map(cast, tree), out_shardings=shardings)(params)
 
 
 def draw_class_images(config: ml_collections.ConfigDict, base: load.LoadedModel, folder: str):

@@ -17,6 +17,7 @@ from flax import traverse_util
 from ldm_jax import cli
 from ldm_jax import config as config_lib
 from ldm_jax.data import tokenizer as tokenizer_lib
+from ldm_jax.interop import lora as lora_files
 from ldm_jax.models import lora
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding
@@ -311,8 +312,12 @@ def fake_base(tmp_path):
         ({"finetune.base": "{empty_folder}"}, "config.finetune.base="),
         ({"finetune.class_prompt": "a circle"}, "config.finetune.class_prompt"),
         ({"finetune.lora.targets": ("attn1/(to_q",)}, "config.finetune.lora.targets"),
+        (
+            {"finetune.method": "full", "finetune.base_dtype": "bfloat16"},
+            "config.finetune.base_dtype",
+        ),
     ],
-    ids=["no base", "base not a workdir", "class prompt alone", "bad regex"],
+    ids=["no base", "base not a workdir", "class prompt alone", "bad regex", "bf16 full"],
 )
 def test_bad_finetune_settings_are_one_line_naming_the_key(fake_base, tmp_path, change, key):
     (tmp_path / "empty").mkdir()
@@ -358,3 +363,125 @@ def test_finetune_config_file_errors_are_one_line(fake_base, tmp_path, capsys, a
     assert exited.value.code == 2
     error = capsys.readouterr().err.strip()
     assert fragment in error and "\n" not in error, error
+
+
+def _cli(argv: list[str]) -> None:
+    """``ldm-jax ARGV...`` in this process; fails the test on a non-zero exit."""
+    argv = ["ldm-jax", *argv]
+    with cli_session(argv):
+        code = cli.main(cli._parse_flags(argv))
+    assert code in (None, 0)
+
+
+def _sample(workdir, out, *extra) -> np.ndarray:
+    _cli(
+        [
+            "sample",
+            f"--workdir={workdir}",
+            "--prompt=a red circle",
+            "--num_per_prompt=2",
+            "--steps=3",
+            f"--out={out}",
+            *extra,
+        ]
+    )
+    from PIL import Image
+
+    return np.asarray(Image.open(out))
+
+
+@pytest.mark.slow
+def test_exported_lora_files_sample_as_the_finetune_workdir(base_workdir, lora_run, tmp_path):
+    """A LoRA file exported in either layout and applied to the base with ``--lora`` draws
+    exactly the fine-tune workdir's images; at scale 0 it draws the base's."""
+    workdir, state = lora_run
+    trained = sharding.to_host(state.ema_params["lora"]["unet"])
+    for layout in ("diffusers", "kohya"):
+        path = tmp_path / f"{layout}.safetensors"
+        _cli(
+            ["export", f"--workdir={workdir}", "--what=lora", f"--format={layout}", f"--out={path}"]
+        )
+        weights = lora_files.load_lora(path)
+        assert (weights.rank, weights.alpha, weights.text_encoder) == (4, 4.0, None)
+        _assert_trees_equal(weights.unet, trained)
+    finetuned_images = _sample(workdir, tmp_path / "finetuned.png")
+    base_images = _sample(base_workdir, tmp_path / "base.png")
+    with_file = _sample(
+        base_workdir, tmp_path / "file.png", f"--lora={tmp_path / 'kohya.safetensors'}"
+    )
+    at_zero = _sample(
+        base_workdir, tmp_path / "zero.png", f"--lora={tmp_path}/diffusers.safetensors:0"
+    )
+    np.testing.assert_array_equal(with_file, finetuned_images)
+    np.testing.assert_array_equal(at_zero, base_images)
+    assert np.abs(finetuned_images.astype(int) - base_images).max() > 0
+
+
+def test_lora_flag_errors_are_one_line_naming_the_file(base_workdir, tmp_path, capsys):
+    other = tmp_path / "other.safetensors"  # made for a U-Net with other widths
+    adapters = {
+        "down_blocks_0": {
+            "attentions_0": {
+                "transformer_blocks_0": {
+                    "attn1": {
+                        "to_q": {
+                            lora.DOWN: np.ones((7, 2), np.float32),
+                            lora.UP: np.ones((2, 7), np.float32),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    lora_files.save_lora(other, lora_files.LoraWeights(adapters, None, 2, 2.0))
+    for flag, fragment in [
+        (f"{tmp_path}/missing.safetensors", "does not exist"),
+        (f"{other}", "made for another model"),
+        (f"{other}:strong", "is not a scale"),
+    ]:
+        argv = [
+            "ldm-jax",
+            "sample",
+            f"--workdir={base_workdir}",
+            "--prompt=a red circle",
+            f"--lora={flag}",
+        ]
+        with cli_session(argv), pytest.raises(SystemExit) as exited:
+            cli.main(cli._parse_flags(argv))
+        assert exited.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and fragment in errors[0] and "--lora" in errors[0], errors
+    argv = ["ldm-jax", "export", f"--workdir={base_workdir}", "--what=lora", f"--out={other}"]
+    with cli_session(argv), pytest.raises(SystemExit):
+        cli.main(cli._parse_flags(argv))
+    assert "is not one" in capsys.readouterr().err
+
+
+def test_a_bfloat16_base_keeps_small_updates():
+    """With the base in bfloat16, an adapted kernel is computed in float32: an update far
+    below bfloat16's resolution of the kernel is not rounded away."""
+    kernel = np.full((4, 3), 1.0, np.float32)
+    adapters = {
+        "proj": {lora.DOWN: np.full((4, 1), 1e-3, np.float32), lora.UP: np.ones((1, 3), np.float32)}
+    }
+    params = {"proj": {"kernel": jax.numpy.asarray(kernel, jax.numpy.bfloat16)}}
+    adapted = lora.adapted(params, [(adapters, 1.0)])["proj"]["kernel"]
+    assert adapted.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(adapted), kernel + np.float32(1e-3))
+
+
+@pytest.mark.slow
+def test_lora_on_a_bfloat16_base_trains(base_workdir, tmp_path):
+    config = _lora_config(base_workdir)
+    config.finetune.base_dtype = "bfloat16"
+    config.finetune.train.steps = 2
+    finished, state = _run_finetune(config, tmp_path / "run")
+    assert finished
+    ups = [leaf for path, leaf in _flat(state.params).items() if path[-1] == lora.UP]
+    assert ups and all(np.abs(up).max() > 0 for up in ups)
+    base = load_model(str(base_workdir))
+    frozen = finetune.frozen_params(config, base.params, base.model)
+    assert {leaf.dtype for leaf in jax.tree.leaves(frozen["unet"])} == {
+        np.dtype(jax.numpy.bfloat16)
+    }
+    assert {leaf.dtype for leaf in jax.tree.leaves(frozen["autoencoder"])} == {np.dtype(np.float32)}

@@ -10,7 +10,7 @@ ldm-jax cache-latents --workdir=STAGE1_DIR --out=DIR [--split=NAME]
 ldm-jax import   --from=diffusers|single-file|clip PATH --workdir=DIR [--tokenizer=DIR]
 ldm-jax export   --workdir=DIR --to=diffusers|safetensors --out=PATH [--raw]
 ldm-jax compile  --config=... --topology=v5p-64 [--num_slices=N] [--per_chip_batch=N]
-                 [--stage=diffusion|autoencoder]
+                 [--stage=diffusion|autoencoder|finetune]
 ldm-jax launch   local|tpu|gke|slurm [--dry-run] [launcher flags] -- <ldm-jax command>
 
 `ldm-jax COMMAND --help` lists the flags of a command with their defaults. `sample`,
@@ -25,6 +25,7 @@ hangs, after --heartbeat_timeout seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,279 +35,44 @@ import threading
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from ldm_jax import cli_flags as cf
 from ldm_jax import compilation_cache
-from ldm_jax.diffusion import SAMPLERS
 from ldm_jax.interop.formats import EXPORT_FORMATS, IMPORT_FORMATS
-from ldm_jax.parallel.distributed import DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Python config file, e.g. configs/quickstart.py[:variant]; for sample, evaluate and export "
-    "the workdir's own config (override keys with --config.KEY=VALUE).",
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory of the run (checkpoints, metrics, samples)."
-)
-_CACHE_DIR = flags.DEFINE_string(  # the default: see ldm_jax/compilation_cache.py
-    "compilation_cache_dir", None, "XLA compilation cache shared by runs; 'none' turns it off."
-)
-_PROMPT = flags.DEFINE_multi_string("prompt", None, "Text prompt (repeatable).")
-_LABEL = flags.DEFINE_multi_integer("label", None, "Class label (repeatable).")
-_NUM_PER_PROMPT = flags.DEFINE_integer(
-    "num_per_prompt",
-    None,
-    "Images per prompt or label (default: the config's sample.num_per_prompt).",
-)
-_SAMPLER = flags.DEFINE_enum(
-    "sampler", None, list(SAMPLERS), "Sampler (default: the config's sample.sampler)."
-)
-_STEPS = flags.DEFINE_integer(
-    "steps", None, "Sampling steps (default: the config's sample.num_steps)."
-)
-_GUIDANCE = flags.DEFINE_float(
-    "guidance",
-    None,
-    "Classifier-free guidance scale, 1 = none (default: the config's sample.guidance_scale).",
-)
-_GUIDANCE_RESCALE = flags.DEFINE_float(
-    "guidance_rescale",
-    None,
-    "Guidance rescale phi in [0, 1] (default: the config's sample.guidance_rescale).",
-)
-_ETA = flags.DEFINE_float("eta", None, "DDIM eta, 0 = deterministic (default: sample.eta).")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
-_OUT = flags.DEFINE_string(
-    "out",
-    None,
-    "Output: the PNG grid (sample), the results folder (evaluate), the cache folder "
-    "(cache-latents), the folder or file to write (export).",
-)
-_CHECKPOINT_STEP = flags.DEFINE_integer(
-    "checkpoint_step", None, "Stage-2 checkpoint step to sample from (default: newest)."
-)
-_MODE = flags.DEFINE_enum(
-    "mode",
-    "txt2img",
-    ["txt2img", "img2img", "inpaint", "outpaint", "sr"],
-    "Generation mode (sr: super-resolution).",
-)
-_INIT_IMAGE = flags.DEFINE_string(
-    "init_image", None, "The image to edit (img2img, inpaint, outpaint) or upsample (sr)."
-)
-_MASK = flags.DEFINE_string("mask", None, "--mode=inpaint: mask PNG, white = regenerate.")
-_STRENGTH = flags.DEFINE_float(
-    "strength",
-    None,
-    "img2img/inpaint noise level in [0, 1], 1 = from pure noise (default: 0.8 for img2img, "
-    "else 1).",
-)
-_OUTPAINT = flags.DEFINE_string(
-    "outpaint", None, "--mode=outpaint: PIXELS, or LEFT,RIGHT,TOP,BOTTOM, to add."
-)
-_PASTE_BACK = flags.DEFINE_bool(
-    "paste_back",
-    None,
-    "--mode=inpaint|outpaint: keep the input's pixels outside the mask exactly (default); "
-    "--nopaste_back: the decoder's output everywhere.",
-)
-_FROM = flags.DEFINE_enum("from", None, list(IMPORT_FORMATS), "Format of the PATH to import.")
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "--from=single-file: folder with the CLIP vocab.json/merges.txt."
-)
-_PREDICTION_TYPE = flags.DEFINE_enum(
-    "prediction_type",
-    None,
-    ["epsilon", "v", "x0"],
-    "--from=single-file: what the U-Net predicts (default epsilon; v for Stable Diffusion 2 "
-    "768-v).",
-)
-_IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size",
-    None,
-    "--from=single-file: the model's image side in pixels (default: 256 for CompVis LDMs, "
-    "768 for v-prediction, else 512).",
-)
-_TO = flags.DEFINE_enum("to", None, list(EXPORT_FORMATS), "Format to export to.")
-_RAW = flags.DEFINE_bool("raw", False, "Export the online params instead of their EMA.")
-_WHAT = flags.DEFINE_enum(
-    "what",
-    "samples",
-    ["samples", "reconstruction"],
-    "Stage-2 samples, or stage-1 reconstructions (PSNR, SSIM, LPIPS).",
-)
-_NUM_IMAGES = flags.DEFINE_integer(
-    "num_images",
-    1024,
-    "Dataset images: the validation images to reconstruct (--what=reconstruction), or those "
-    "of the FID reference statistics (--sweep).",
-)
-_LPIPS_WEIGHTS = flags.DEFINE_string(
-    "lpips_weights",
-    None,
-    "--what=reconstruction: LPIPS safetensors (default: the config's "
-    "autoencoder.loss.lpips_weights; none: no LPIPS).",
-)
-_SWEEP = flags.DEFINE_string(
-    "sweep",
-    None,
-    'Sample and score every point of a grid, e.g. "sampler=ddim,dpmpp_2m steps=10,25,50 '
-    'guidance=1,3,5 checkpoint=latest,5000"; finished points are skipped.',
-)
-_PROMPTS_FILE = flags.DEFINE_string(
-    "prompts_file", None, "--sweep: prompts, one per line (default: the preview prompts)."
-)
-_INCEPTION_WEIGHTS = flags.DEFINE_string(
-    "inception_weights",
-    None,
-    "--sweep: FID Inception safetensors, for FID and KID (convert with "
-    "python -m ldm_jax.interop.inception_weights).",
-)
-_CLIP_WEIGHTS = flags.DEFINE_string(
-    "clip_weights", None, "--sweep: a transformers CLIPModel folder, for the CLIP score."
-)
-_SPLIT = flags.DEFINE_string(
-    "split", None, "The split to encode (default: the config's data.train_split)."
-)
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "TPU topology, e.g. v5p-64, v5e-256, v6e-16 or v5e:2x2."
-)
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of the topology.")
-_PER_CHIP_BATCH = flags.DEFINE_integer(
-    "per_chip_batch", None, "Examples per batch shard (default: from the config)."
-)
-_STAGE = flags.DEFINE_enum(
-    "stage", "diffusion", ["diffusion", "autoencoder"], "The stage whose step to compile."
-)
-_COORDINATOR_ADDRESS = flags.DEFINE_string(
-    "coordinator_address",
-    None,
-    "host:port of process 0, to join several processes (default: JAX_COORDINATOR_ADDRESS).",
-)
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Processes of the job (default: JAX_NUM_PROCESSES)."
-)
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index in the job (default: JAX_PROCESS_ID)."
-)
-_DEVICES_PER_PROCESS = flags.DEFINE_integer(
-    "devices_per_process", None, "Simulated CPU devices of this process (jax_num_cpu_devices)."
-)
-_INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
-    "initialization_timeout", 300, "Seconds to wait for every process of the job to join."
-)
-_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout",
-    DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
-    "Seconds without a heartbeat after which a process counts as dead.",
-)
-
-# The flags of the processes of one job, read by the commands that run on the device mesh.
-_JOB_FLAGS = (
-    "coordinator_address",
-    "num_processes",
-    "process_id",
-    "devices_per_process",
-    "initialization_timeout",
-    "heartbeat_timeout",
-)
-_SAMPLING_FLAGS = ("sampler", "steps", "guidance", "guidance_rescale", "eta", "seed")
-# What each command reads: `ldm-jax COMMAND --help` lists these, and any other flag given is
-# an error naming the command.
-COMMAND_FLAGS: dict[str, tuple[str, ...]] = {
-    "train": ("config", "workdir", "compilation_cache_dir", *_JOB_FLAGS),
-    "sample": (
-        "workdir",
-        "prompt",
-        "label",
-        "num_per_prompt",
-        *_SAMPLING_FLAGS,
-        "out",
-        "checkpoint_step",
-        "mode",
-        "init_image",
-        "mask",
-        "strength",
-        "outpaint",
-        "paste_back",
-        "config",
-        "compilation_cache_dir",
-        *_JOB_FLAGS,
-    ),
-    "evaluate": (
-        "workdir",
-        "what",
-        "num_per_prompt",
-        *_SAMPLING_FLAGS,
-        "checkpoint_step",
-        "out",
-        "num_images",
-        "lpips_weights",
-        "sweep",
-        "prompts_file",
-        "inception_weights",
-        "clip_weights",
-        "config",
-        "compilation_cache_dir",
-        *_JOB_FLAGS,
-    ),
-    "cache-latents": ("workdir", "out", "split", "compilation_cache_dir", *_JOB_FLAGS),
-    "import": ("from", "workdir", "tokenizer", "prediction_type", "image_size"),
-    "export": ("workdir", "to", "out", "raw", "config", "compilation_cache_dir"),
-    "compile": ("config", "topology", "num_slices", "per_chip_batch", "stage"),
-}
-COMMANDS = tuple(COMMAND_FLAGS)
-_USAGE = {
-    "train": "--config=configs/NAME.py[:variant] --workdir=DIR [--config.KEY=VALUE ...]",
-    "sample": '--workdir=DIR --prompt="..." | --label=N [flags]',
-    "evaluate": "--workdir=DIR [--what=samples|reconstruction] [--sweep=...] [flags]",
-    "cache-latents": "--workdir=STAGE1_DIR --out=DIR [--split=NAME]",
-    "import": "--from=diffusers|single-file|clip PATH --workdir=DIR [flags]",
-    "export": "--workdir=DIR --to=diffusers|safetensors --out=PATH [--raw]",
-    "compile": "--config=... --topology=v5p-64 [flags]",
-}
-# Commands that take one positional argument (the path to import).
-_POSITIONAL = {"import": "PATH"}
-# The commands that run on the device mesh, and so join the job's processes first.
-_MESH_COMMANDS = ("train", "sample", "evaluate", "cache-latents")
-# The commands that load a trained model: their config is the workdir's, with overrides.
-_MODEL_COMMANDS = ("sample", "evaluate", "export")
-_WORKDIR_CONFIG_FILE = os.path.join(os.path.dirname(__file__), "config", "from_workdir.py")
 
 
 def _require_workdir() -> str:
     """The --workdir; sets up the persistent compilation cache (a new run skips compiling)."""
-    if not _WORKDIR.value:
+    if not cf.WORKDIR.value:
         raise ValueError("--workdir is required")
-    compilation_cache.configure(_CACHE_DIR.value, _WORKDIR.value)
-    return _WORKDIR.value
+    compilation_cache.configure(cf.CACHE_DIR.value, cf.WORKDIR.value)
+    return cf.WORKDIR.value
 
 
 def _sampling_overrides() -> dict:
     """The sampling flags as overrides of the config's ``sample`` block (None: not given)."""
     return dict(
-        sampler=_SAMPLER.value,
-        num_steps=_STEPS.value,
-        guidance_scale=_GUIDANCE.value,
-        guidance_rescale=_GUIDANCE_RESCALE.value,
-        eta=_ETA.value,
+        sampler=cf.SAMPLER.value,
+        num_steps=cf.STEPS.value,
+        guidance_scale=cf.GUIDANCE.value,
+        guidance_rescale=cf.GUIDANCE_RESCALE.value,
+        eta=cf.ETA.value,
     )
 
 
 def _model_config(workdir: str):
     """The workdir's config with the command line's overrides (``--config.KEY=VALUE``)."""
-    if _CONFIG.value is not None:
-        return _CONFIG.value
+    if cf.CONFIG.value is not None:
+        return cf.CONFIG.value
     from ldm_jax.config import load_workdir_config
 
     return load_workdir_config(workdir)  # raises naming config.json when there is none
 
 
 def _num_per_prompt(config) -> int:
-    value = config.sample.num_per_prompt if _NUM_PER_PROMPT.value is None else _NUM_PER_PROMPT.value
+    value = (
+        config.sample.num_per_prompt if cf.NUM_PER_PROMPT.value is None else cf.NUM_PER_PROMPT.value
+    )
     if value < 1:
         raise ValueError(f"--num_per_prompt={value} must be at least 1")
     return value
@@ -315,62 +81,75 @@ def _num_per_prompt(config) -> int:
 def _train() -> None:
     from ldm_jax.train.run import train
 
-    if _CONFIG.value is None:
+    if cf.CONFIG.value is None:
         raise ValueError("--config is required, e.g. --config=configs/quickstart.py")
     workdir = _require_workdir()
     # Preemption (TPU maintenance, SLURM, Ctrl-C): finish the step, checkpoint, exit cleanly.
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    if not train(_CONFIG.value, workdir, should_stop=lambda _: stop.is_set()):
+    if not train(cf.CONFIG.value, workdir, should_stop=lambda _: stop.is_set()):
         print(f"stopped early; checkpointed in {workdir}; run the same command to resume")
 
 
 def _sample() -> None:
     from ldm_jax.pipeline.grids import save_grid
     from ldm_jax.pipeline.image_inputs import mode_inputs
-    from ldm_jax.pipeline.load import load_generator
     from ldm_jax.pipeline.workdir import SAMPLES_DIR
 
     workdir = _require_workdir()
-    mode, inputs = mode_inputs(_MODE.value, _INIT_IMAGE.value, _MASK.value, _OUTPAINT.value)
+    mode, inputs = mode_inputs(cf.MODE.value, cf.INIT_IMAGE.value, cf.MASK.value, cf.OUTPAINT.value)
     config = _model_config(workdir)
     num = _num_per_prompt(config)
-    generator = load_generator(workdir, config, step=_CHECKPOINT_STEP.value)
+    generator = _generator(workdir, config)
     images = generator.sample(
-        _SEED.value,
-        prompts=_PROMPT.value,
-        labels=_LABEL.value,
+        cf.SEED.value,
+        prompts=cf.PROMPT.value,
+        labels=cf.LABEL.value,
         num_per_prompt=num,
         images=inputs,
         **_sampling_overrides(),
         mode=mode,
-        strength=_STRENGTH.value,
-        paste_back=_PASTE_BACK.value,
+        strength=cf.STRENGTH.value,
+        paste_back=cf.PASTE_BACK.value,
     )
-    out = _OUT.value or os.path.join(
+    out = cf.OUT.value or os.path.join(
         workdir, SAMPLES_DIR, f"sample_{time.strftime('%Y%m%d_%H%M%S')}.png"
     )
     save_grid(images, out, columns=num if num <= 16 else None)
     print(f"wrote {len(images)} samples to {out}")
 
 
+def _generator(workdir: str, config):
+    """The Generator of the workdir's model (the --checkpoint_step), the --lora files merged."""
+    from ldm_jax.pipeline.finetuned import read_lora_flags, with_lora_files
+    from ldm_jax.pipeline.load import load_model
+
+    loras = read_lora_flags(cf.LORA.value or [])
+    loaded = load_model(workdir, config, step=cf.CHECKPOINT_STEP.value)
+    if loras:
+        loaded = dataclasses.replace(loaded, params=with_lora_files(loaded.params, loras))
+    return loaded.generator()
+
+
 def _evaluate() -> None:
-    if _SWEEP.value is not None:
+    what = cf.WHAT.value or "samples"
+    if what not in ("samples", "reconstruction"):
+        raise ValueError(f"--what={what}: evaluate takes --what=samples or --what=reconstruction")
+    if cf.SWEEP.value is not None:
         return _evaluate_sweep()
-    if _WHAT.value == "reconstruction":
+    if what == "reconstruction":
         return _evaluate_reconstruction()
     from ldm_jax.evaluate.samples import evaluate_samples
-    from ldm_jax.pipeline.load import load_generator
 
     workdir = _require_workdir()
     config = _model_config(workdir)
-    generator = load_generator(workdir, config, step=_CHECKPOINT_STEP.value)
+    generator = _generator(workdir, config)
     results, out = evaluate_samples(
         generator,
         num_per_prompt=_num_per_prompt(config),
-        seed=_SEED.value,
-        out_dir=_OUT.value,
+        seed=cf.SEED.value,
+        out_dir=cf.OUT.value,
         workdir=workdir,
         **_sampling_overrides(),
     )
@@ -384,20 +163,22 @@ def _evaluate_sweep() -> None:
     from ldm_jax.evaluate.sweep_results import summary_table
 
     workdir = _require_workdir()
-    if _WHAT.value != "samples":
+    if cf.WHAT.value not in (None, "samples"):
         raise ValueError("--sweep evaluates samples; --what=reconstruction takes no --sweep")
+    if cf.LORA.value:
+        raise ValueError("--sweep takes no --lora: sweep a fine-tune workdir instead")
     config = _model_config(workdir)
     outcome = run_sample_sweep(
         workdir,
-        _SWEEP.value,
+        cf.SWEEP.value,
         config=config,
-        out_dir=_OUT.value,
+        out_dir=cf.OUT.value,
         num_per_prompt=_num_per_prompt(config),
-        prompts_file=_PROMPTS_FILE.value,
-        seed=_SEED.value,
-        inception_weights=_INCEPTION_WEIGHTS.value,
-        clip_weights=_CLIP_WEIGHTS.value,
-        num_reference_images=_NUM_IMAGES.value,
+        prompts_file=cf.PROMPTS_FILE.value,
+        seed=cf.SEED.value,
+        inception_weights=cf.INCEPTION_WEIGHTS.value,
+        clip_weights=cf.CLIP_WEIGHTS.value,
+        num_reference_images=cf.NUM_IMAGES.value,
     )
     print(summary_table(outcome.rows, outcome.swept))
     for note in outcome.unavailable:
@@ -412,14 +193,14 @@ def _evaluate_reconstruction() -> None:
     from ldm_jax.evaluate.first_stage import evaluate_workdir
 
     workdir = _require_workdir()
-    if _NUM_IMAGES.value < 1:
-        raise ValueError(f"--num_images={_NUM_IMAGES.value} must be at least 1")
-    out = _OUT.value or os.path.join(workdir, "eval", "reconstruction")
+    if cf.NUM_IMAGES.value < 1:
+        raise ValueError(f"--num_images={cf.NUM_IMAGES.value} must be at least 1")
+    out = cf.OUT.value or os.path.join(workdir, "eval", "reconstruction")
     results = evaluate_workdir(
         workdir,
         out,
-        num_images=_NUM_IMAGES.value,
-        lpips_weights=_LPIPS_WEIGHTS.value,
+        num_images=cf.NUM_IMAGES.value,
+        lpips_weights=cf.LPIPS_WEIGHTS.value,
         config=_model_config(workdir),
     )
     print(json.dumps(results))
@@ -430,65 +211,76 @@ def _cache_latents() -> None:
     from ldm_jax.train.latent_cache import cache_latents_of_workdir
 
     workdir = _require_workdir()
-    if not _OUT.value:
+    if not cf.OUT.value:
         raise ValueError("--out is required: the directory to write the latent cache to")
-    metadata = cache_latents_of_workdir(workdir, _OUT.value, split=_SPLIT.value)
+    metadata = cache_latents_of_workdir(workdir, cf.OUT.value, split=cf.SPLIT.value)
     print(
         f"wrote {metadata['num_records']} latents of shape {tuple(metadata['latent_shape'])} "
-        f"to {_OUT.value}; train stage 2 on them with --config.data.latent_cache={_OUT.value}"
+        f"to {cf.OUT.value}; train stage 2 on them with --config.data.latent_cache={cf.OUT.value}"
     )
 
 
 def _import(path: str) -> None:
     from ldm_jax.pipeline.import_export import import_model
 
-    if _FROM.value is None:
+    if cf.FROM.value is None:
         raise ValueError(f"--from is required: one of {IMPORT_FORMATS}")
-    if not _WORKDIR.value:
+    if not cf.WORKDIR.value:
         raise ValueError("--workdir is required: the new workdir to write")
     print(
         import_model(
-            _FROM.value,
+            cf.FROM.value,
             path,
-            _WORKDIR.value,
-            tokenizer=_TOKENIZER.value,
-            prediction_type=_PREDICTION_TYPE.value,
-            image_size=_IMAGE_SIZE.value,
+            cf.WORKDIR.value,
+            tokenizer=cf.TOKENIZER.value,
+            prediction_type=cf.PREDICTION_TYPE.value,
+            image_size=cf.IMAGE_SIZE.value,
         )
     )
 
 
 def _export() -> None:
-    from ldm_jax.pipeline.import_export import export_workdir
+    from ldm_jax.pipeline.import_export import export_lora, export_workdir
 
     workdir = _require_workdir()
-    if _TO.value is None or not _OUT.value:
+    what = cf.WHAT.value or "model"
+    if what not in ("model", "lora"):
+        raise ValueError(f"--what={what}: export takes --what=model or --what=lora")
+    if what == "lora":
+        if not cf.OUT.value:
+            raise ValueError("--out is required: the .safetensors file to write")
+        if cf.TO.value is not None:
+            raise ValueError("--what=lora writes one file in --format=diffusers|kohya; drop --to")
+        config = _model_config(workdir)
+        print(export_lora(workdir, cf.OUT.value, cf.FORMAT.value, raw=cf.RAW.value, config=config))
+        return
+    if cf.TO.value is None or not cf.OUT.value:
         raise ValueError(f"--to (one of {EXPORT_FORMATS}) and --out are required")
     config = _model_config(workdir)
-    print(export_workdir(workdir, _TO.value, _OUT.value, raw=_RAW.value, config=config))
+    print(export_workdir(workdir, cf.TO.value, cf.OUT.value, raw=cf.RAW.value, config=config))
 
 
 def _compile() -> None:
     from ldm_jax.train.compile import compile_for_topology
 
-    if _CONFIG.value is None or not _TOPOLOGY.value:
+    if cf.CONFIG.value is None or not cf.TOPOLOGY.value:
         raise ValueError("--config and --topology are required, e.g. --topology=v5e:2x2")
     report = compile_for_topology(
-        _CONFIG.value,
-        _TOPOLOGY.value,
-        num_slices=_NUM_SLICES.value,
-        per_chip_batch=_PER_CHIP_BATCH.value,
-        stage=_STAGE.value,
+        cf.CONFIG.value,
+        cf.TOPOLOGY.value,
+        num_slices=cf.NUM_SLICES.value,
+        per_chip_batch=cf.PER_CHIP_BATCH.value,
+        stage=cf.STAGE.value,
     )
-    print(f"topology: {_TOPOLOGY.value} x {_NUM_SLICES.value} slice(s)")
+    print(f"topology: {cf.TOPOLOGY.value} x {cf.NUM_SLICES.value} slice(s)")
     print("\n".join(report.lines()))
 
 
 def main(argv: list[str]) -> None:
     command = argv[1] if len(argv) > 1 else None
     positional = argv[2:]
-    if command not in COMMANDS or len(positional) != (command in _POSITIONAL):
-        usage = f"ldm-jax {{{'|'.join(COMMANDS)}}} [--flags]; import takes one PATH"
+    if command not in cf.COMMANDS or len(positional) != (command in cf.POSITIONAL):
+        usage = f"ldm-jax {{{'|'.join(cf.COMMANDS)}}} [--flags]; import takes one PATH"
         print(f"usage: {usage}; got {argv[1:]}", file=sys.stderr)
         sys.exit(2)
     from ldm_jax.config import ConfigError
@@ -503,8 +295,8 @@ def main(argv: list[str]) -> None:
         "compile": _compile,
     }
     try:
-        _check_command_flags(command)
-        if command in _MESH_COMMANDS:
+        cf.check_command_flags(command)
+        if command in cf.MESH_COMMANDS:
             _join_processes()
         commands[command]()
     except (ConfigError, OSError, ValueError, FloatingPointError) as error:
@@ -515,23 +307,6 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
-def _check_command_flags(command: str) -> None:
-    """Raises a one-line ValueError for a flag given that ``command`` does not read."""
-    known = set(COMMAND_FLAGS[command])
-    given = [
-        name
-        for name in flags.FLAGS
-        if flags.FLAGS[name].present and name not in known and not name.startswith("config.")
-    ]
-    ours = [name for name in given if name in _OWN_FLAGS]
-    if ours:
-        listed = ", ".join(f"--{name}" for name in sorted(ours))
-        raise ValueError(
-            f"{listed} {'is not a flag' if len(ours) == 1 else 'are not flags'} of "
-            f"`ldm-jax {command}`; see `ldm-jax {command} --help`"
-        )
-
-
 def _join_processes() -> None:
     """Joins the job's processes (if there are several); only process 0 logs progress."""
     import jax
@@ -539,12 +314,12 @@ def _join_processes() -> None:
     from ldm_jax.parallel import distributed
 
     options = distributed.options_from(
-        coordinator_address=_COORDINATOR_ADDRESS.value,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-        devices_per_process=_DEVICES_PER_PROCESS.value,
-        initialization_timeout=_INITIALIZATION_TIMEOUT.value,
-        heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
+        coordinator_address=cf.COORDINATOR_ADDRESS.value,
+        num_processes=cf.NUM_PROCESSES.value,
+        process_id=cf.PROCESS_ID.value,
+        devices_per_process=cf.DEVICES_PER_PROCESS.value,
+        initialization_timeout=cf.INITIALIZATION_TIMEOUT.value,
+        heartbeat_timeout=cf.HEARTBEAT_TIMEOUT.value,
         environ=os.environ,
     )
     if distributed.initialize(options, os.environ) and jax.process_index() > 0:
@@ -568,26 +343,6 @@ def _configure_logging() -> None:
     package_logger.propagate = False
 
 
-def command_help(command: str) -> str:
-    """``ldm-jax COMMAND --help``: the command's usage and every flag it reads, with its
-    help and default."""
-    lines = [f"usage: ldm-jax {command} {_USAGE[command]}", "", "flags:"]
-    for name in COMMAND_FLAGS[command]:
-        flag = flags.FLAGS[name]
-        kind = flag.flag_type()
-        value = "" if kind == "bool" else f"={name.upper()}"
-        default = "" if flag.default is None else f" (default: {flag.default_as_str})"
-        lines.append(f"  --{name}{value}: {flag.help}{default}")
-    if command in _MODEL_COMMANDS:
-        lines.append(
-            "  --config.KEY=VALUE: override a key of the workdir's config, e.g. "
-            "--config.mesh.fsdp=8 to shard the model over 8 devices"
-        )
-    elif "config" in COMMAND_FLAGS[command]:
-        lines.append("  --config.KEY=VALUE: override a key of the config file")
-    return "\n".join(lines)
-
-
 def run() -> None:
     """Console-script entry point."""
     from ldm_jax import storage
@@ -602,35 +357,17 @@ def run() -> None:
         sys.exit(launch(sys.argv[2:]))
     if (
         sys.argv[1:2]
-        and sys.argv[1] in COMMANDS
+        and sys.argv[1] in cf.COMMANDS
         and {"-h", "--help", "--helpfull"} & set(sys.argv[2:])
     ):
-        print(command_help(sys.argv[1]))
+        print(cf.command_help(sys.argv[1]))
         sys.exit(0)
     app.run(main, flags_parser=_parse_flags)
 
 
-def _with_workdir_config(argv: list[str]) -> list[str]:
-    """``argv`` with ``--config=<the workdir's config>`` after the command when a command that
-    loads a trained model is given a --workdir that holds a run and no --config: so that
-    --config.KEY=VALUE overrides (the mesh) apply to the workdir's config. (Without a run
-    there, the command itself says what is missing.)"""
-    command = argv[1] if len(argv) > 1 else None
-    if command not in _MODEL_COMMANDS or any(
-        a == "--config" or a.startswith("--config=") for a in argv
-    ):
-        return argv
-    workdirs = [a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")]
-    from ldm_jax import storage
-
-    if not workdirs or not storage.as_path(workdirs[-1]).joinpath("config.json").is_file():
-        return argv
-    return [*argv[:2], f"--config={_WORKDIR_CONFIG_FILE}:{workdirs[-1]}", *argv[2:]]
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
     # ml_collections reads --config and its overrides from sys.argv as well.
-    argv[:] = _with_workdir_config(argv)
+    argv[:] = cf.with_workdir_config(argv)
     if sys.argv is not argv:
         sys.argv[:] = argv
     try:
@@ -667,9 +404,6 @@ def _one_line(error: BaseException) -> str:
         text = f"{head} {lines[-1] if lines else ''}"
     return " ".join(text.split())
 
-
-# The flags this module defines (absl's own, such as --verbosity, are never refused).
-_OWN_FLAGS = frozenset(name for names in COMMAND_FLAGS.values() for name in names)
 
 if __name__ == "__main__":
     run()

@@ -4,13 +4,16 @@ import math
 import os
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
 from ldm_jax import config as config_lib
+from ldm_jax.data import tokenizer as tokenizer_lib
+from ldm_jax.models import lora
 from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.pipeline import builders
+from ldm_jax.pipeline import builders, finetuned
 from ldm_jax.train import compile as compile_lib
 from tests.conftest import load_config, run_cli
 
@@ -104,6 +107,53 @@ def test_only_the_compiled_stage_batch_must_divide_the_mesh():
     compile_lib.set_batch_sizes(config, "diffusion", 256, per_chip_batch=4)
     assert config.diffusion.train.batch_size == 1024
     assert config.autoencoder.train.batch_size == 256
+    assert config.finetune.train.batch_size == 256
     config_lib.validate(config, 256, check_files=False)
     with pytest.raises(ValueError, match="--per_chip_batch=0"):
         compile_lib.set_batch_sizes(config, "diffusion", 256, per_chip_batch=0)
+
+
+def test_compiled_stage_defaults_to_the_configs_stage():
+    config = load_config("quickstart", "tiny")
+    stages = {}
+    for stage in ("both", "autoencoder", "diffusion", "finetune"):
+        config.stage = stage
+        stages[stage] = compile_lib.default_stage(config)
+    assert stages == {
+        "both": "diffusion",
+        "autoencoder": "autoencoder",
+        "diffusion": "diffusion",
+        "finetune": "finetune",
+    }
+
+
+@pytest.mark.slow
+def test_lora_finetune_step_compiles_with_only_the_adapters_trained():
+    # No base workdir: the base model is abstract, its shapes from the config.
+    config = load_config("quickstart", "tiny")
+    config.stage = "finetune"
+    config.finetune.method = "lora"
+    report = compile_lib.compile_for_topology(config, "v5e:2x2", per_chip_batch=2)
+
+    tokenizer = tokenizer_lib.build_word_tokenizer(["a", "red", "circle"])
+    model = builders.build_model(config, tokenizer, latent_scale=1.0)
+    length = config.data.max_caption_length
+    base = jax.eval_shape(
+        lambda: finetuned.model_params(jax.random.key(0), model=model, max_caption_length=length)
+    )
+    adapters = jax.eval_shape(
+        lambda: lora.init_adapters(jax.random.key(0), base["unet"], finetuned.lora_shape(config))
+    )
+    unet_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(base["unet"])))
+    assert report.stage == "finetune" and report.mesh_shape["data"] == 4
+    assert report.parameters == lora.num_params(adapters)
+    assert 0 < report.parameters < unet_params // 10
+    # The whole base is a frozen input; its autoencoder is not read on encoded latents, but
+    # training holds it on the chips, and the fit counts it.
+    assert report.frozen_parameters > unet_params
+    assert 0 < report.unread_frozen_bytes < report.frozen_bytes
+    assert report.resident_bytes == report.total_bytes + report.unread_frozen_bytes
+    assert report.fits
+    text = "\n".join(report.lines())
+    assert f"trained parameters: {report.parameters:,}" in text
+    assert "finetune (lora, rank 4" in text and "frozen params" in text

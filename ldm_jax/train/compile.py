@@ -6,7 +6,9 @@ train step that ``ldm-jax train`` runs, compiles it with libtpu for the topology
 reports what XLA says one chip needs: memory (arguments, temporaries, outputs) against the chip's
 HBM, and FLOPs per step. A frozen pretrained CLIP text model is stood in for by an abstract one
 of the configured width, a from-scratch text encoder by one with a
-``PLACEHOLDER_VOCABULARY``-word vocabulary (the real one is built from the captions).
+``PLACEHOLDER_VOCABULARY``-word vocabulary (the real one is built from the captions). A
+fine-tune run's base model is abstract too (its params sharded as their logical axis names
+say, as loading puts them), so no base workdir is read.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ from ldm_jax.models import LPIPS
 from ldm_jax.models.clip import CLIPTextTransformer
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import platforms, sharding
-from ldm_jax.pipeline import builders
+from ldm_jax.pipeline import builders, finetuned
+from ldm_jax.pipeline.model import LatentDiffusion
 from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import diffusion as diffusion_stage
+from ldm_jax.train import finetune as finetune_stage
+from ldm_jax.train import frozen as frozen_inputs
 from ldm_jax.train import random_streams
 from ldm_jax.train import state as state_lib
 from ldm_jax.train.autoencoder_loss import LossModules
@@ -53,10 +58,11 @@ _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
 _CLIP_SIZES = {768: (12, 12, 3072), 1024: (24, 16, 4096), 1280: (32, 20, 5120)}
 CLIP_VOCABULARY = 49408
 PLACEHOLDER_VOCABULARY = 1_000
-COMPILE_STAGES = ("diffusion", "autoencoder")
+COMPILE_STAGES = ("diffusion", "autoencoder", "finetune")
 _INIT_STREAMS = {
     "diffusion": random_streams.DIFFUSION_INIT,
     "autoencoder": random_streams.AUTOENCODER_INIT,
+    "finetune": random_streams.FINETUNE_INIT,
 }
 
 
@@ -201,18 +207,31 @@ def _described_host(topology: Topology) -> Iterator[None]:
 
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
-    """What XLA reports for one device of a compiled train step (bytes and FLOPs)."""
+    """What XLA reports for one device of a compiled train step (bytes and FLOPs), with what
+    its inputs hold: the trained parameters (the train state: params, EMA and optimizer
+    state) and the frozen ones (the autoencoder, a pretrained text encoder, a fine-tune run's
+    base model), and their bytes on one chip.
+
+    ``unread_frozen_bytes``: frozen params that training keeps on the chips but the step
+    does not read (a fine-tune run's autoencoder, on encoded latents). jit drops unread
+    arguments, so XLA's argument bytes leave them out; ``resident_bytes`` adds them back.
+    """
 
     stage: str
     mesh_shape: dict[str, int]
     global_batch: int
     per_chip_batch: float
     parameters: int
+    state_bytes: int
+    frozen_parameters: int
+    frozen_bytes: int
+    unread_frozen_bytes: int
     argument_bytes: int
     output_bytes: int
     temp_bytes: int
     alias_bytes: int
     flops: float
+    method: str = ""
     hbm_bytes: int | None = None
 
     @property
@@ -221,25 +240,49 @@ class CompileReport:
         return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
 
     @property
+    def resident_bytes(self) -> int:
+        """``total_bytes`` and the frozen params on the chips that the step does not read."""
+        return self.total_bytes + self.unread_frozen_bytes
+
+    @property
     def fits(self) -> bool:
-        return self.hbm_bytes is None or self.total_bytes <= self.hbm_bytes
+        return self.hbm_bytes is None or self.resident_bytes <= self.hbm_bytes
 
     def lines(self) -> list[str]:
         gib = lambda n: f"{n / GIB:.2f} GiB"
+        hbm = f" of {gib(self.hbm_bytes)} HBM" if self.hbm_bytes is not None else ""
+        stage = f"{self.stage} ({self.method})" if self.method else self.stage
         lines = [
-            f"stage: {self.stage}; trained parameters: {self.parameters:,}",
+            f"stage: {stage}; trained parameters: {self.parameters:,}; "
+            f"frozen parameters: {self.frozen_parameters:,}",
             f"mesh: {self.mesh_shape}; global batch {self.global_batch} "
             f"({self.per_chip_batch:g} per chip)",
+            f"per-chip inputs: train state (params, EMA, optimizer) {_size(self.state_bytes)}, "
+            f"frozen params {_size(self.frozen_bytes)}"
+            + (
+                f" ({_size(self.unread_frozen_bytes)} of them not read by the step)"
+                if self.unread_frozen_bytes
+                else ""
+            ),
             "per-chip memory: "
             f"arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
             f"outputs {gib(self.output_bytes)}, aliased {gib(self.alias_bytes)}, "
-            f"total {gib(self.total_bytes)}"
-            + (f" of {gib(self.hbm_bytes)} HBM" if self.hbm_bytes is not None else ""),
-            f"FLOPs per step per chip: {self.flops:.4g}",
+            f"total {gib(self.total_bytes)}" + ("" if self.unread_frozen_bytes else hbm),
         ]
+        if self.unread_frozen_bytes:
+            lines.append(
+                f"with the unread frozen params training keeps on the chips: "
+                f"{gib(self.resident_bytes)}{hbm}"
+            )
+        lines.append(f"FLOPs per step per chip: {self.flops:.4g}")
         if self.hbm_bytes is not None:
             lines.append("fits" if self.fits else "does not fit")
         return lines
+
+
+def _size(n: int) -> str:
+    """Bytes in GiB, or in MiB below a tenth of a GiB (a LoRA's train state)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def compile_for_topology(
@@ -248,9 +291,10 @@ def compile_for_topology(
     *,
     num_slices: int = 1,
     per_chip_batch: int | None = None,
-    stage: str = "diffusion",
+    stage: str | None = None,
 ) -> CompileReport:
-    """Compiles ``stage``'s train step of ``config`` for ``num_slices`` slices of ``topology``."""
+    """Compiles ``stage``'s train step of ``config`` (default: ``default_stage``) for
+    ``num_slices`` slices of ``topology``."""
     parsed = parse_topology(topology)
     report = compile_train_step(
         config, topology_devices(parsed, num_slices), stage=stage, per_chip_batch=per_chip_batch
@@ -258,11 +302,16 @@ def compile_for_topology(
     return dataclasses.replace(report, hbm_bytes=parsed.hbm_bytes)
 
 
+def default_stage(config: ml_collections.ConfigDict) -> str:
+    """The stage ``config.stage`` names, stage 2 for "both" (the larger step)."""
+    return config.stage if config.stage in COMPILE_STAGES else "diffusion"
+
+
 def set_batch_sizes(
     config: ml_collections.ConfigDict, stage: str, shards: int, per_chip_batch: int | None
 ) -> None:
     """Sets ``stage``'s batch to ``per_chip_batch`` per batch shard (if given), and rounds the
-    other stage's, which is not compiled, up to a multiple of ``shards`` so that validation
+    other stages', which are not compiled, up to a multiple of ``shards`` so that validation
     does not stop the compile over a batch that is not used (stage 1's 32 on a v5e-256)."""
     if per_chip_batch is not None:
         if per_chip_batch < 1:
@@ -279,7 +328,7 @@ def compile_train_step(
     config: ml_collections.ConfigDict,
     devices: Sequence[Any],
     *,
-    stage: str = "diffusion",
+    stage: str | None = None,
     per_chip_batch: int | None = None,
 ) -> CompileReport:
     """Lowers and compiles ``stage``'s train step on the mesh ``config.mesh`` makes of ``devices``.
@@ -287,10 +336,12 @@ def compile_train_step(
     Args:
       config: the run's config (not modified); its data and weight paths are not read.
       devices: TPU topology devices (``topology_devices``) or real ones.
-      stage: "diffusion" or "autoencoder".
+      stage: "diffusion", "autoencoder" or "finetune" (with ``config.finetune``'s method);
+        default: ``default_stage(config)``.
       per_chip_batch: examples per batch shard (data x fsdp shards); default: the config's
         ``<stage>.train.batch_size`` split over them.
     """
+    stage = stage or default_stage(config)
     if stage not in COMPILE_STAGES:
         raise ValueError(f"--stage={stage!r}; choose one of {COMPILE_STAGES}")
     config = copy.deepcopy(config)
@@ -313,18 +364,28 @@ def compile_train_step(
     }
     # A key as a ShapeDtypeStruct: an eager key op would run on the TPU mesh, which has no chips.
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
-    jitted = jit_train_step(step_fn, shardings, mesh, extra_shardings)
+    jitted = jit_train_step(
+        step_fn, shardings, mesh, extra_shardings, nonfinite=config.train.nonfinite
+    )
     with jax.set_mesh(mesh):
         compiled = jitted.lower(abstract, batch, key, extra).compile()
+    # jit drops the arguments the step does not read: their input sharding is None.
+    read = jax.tree.leaves(compiled.input_shardings[0][3], is_leaf=lambda x: x is None)
+    unread = [x for x, used in zip(jax.tree.leaves(extra), read, strict=True) if used is None]
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return CompileReport(
         stage=stage,
+        method=_finetune_method(config) if stage == "finetune" else "",
         mesh_shape=dict(mesh.shape),
         global_batch=batch_size,
         per_chip_batch=batch_size / shards,
-        parameters=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
+        parameters=_num_params(abstract.params),
+        state_bytes=_bytes_per_chip(abstract),
+        frozen_parameters=_num_params(extra),
+        frozen_bytes=_bytes_per_chip(extra),
+        unread_frozen_bytes=_bytes_per_chip(unread),
         argument_bytes=memory.argument_size_in_bytes,
         output_bytes=memory.output_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes,
@@ -333,17 +394,39 @@ def compile_train_step(
     )
 
 
+def _num_params(tree: Any) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def _bytes_per_chip(tree: Any) -> int:
+    """The bytes one device holds of an abstract tree whose leaves carry their shardings."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+    )
+
+
+def _finetune_method(config: ml_collections.ConfigDict) -> str:
+    ft = config.finetune
+    if ft.method == "full":
+        return "full"
+    return f"lora, rank {ft.lora.rank}, targets {', '.join(ft.lora.targets)}"
+
+
 def stage_program(config: ml_collections.ConfigDict, mesh, rules, stage: str):
     """What compiling ``stage``'s step needs, with no weights or data: ``(init_fn, step_fn,
     {batch key: (shape per example, dtype)}, abstract frozen inputs, their shardings)``."""
-    build = _diffusion_step if stage == "diffusion" else _autoencoder_step
+    build = {
+        "diffusion": _diffusion_step,
+        "autoencoder": _autoencoder_step,
+        "finetune": _finetune_step,
+    }[stage]
     return build(config, mesh, rules)
 
 
-def _abstract_params(module, mesh, rules, *inputs) -> tuple[Any, Any]:
-    """The abstract, sharded params of ``module.init(key, *inputs)`` and their shardings."""
-    init = lambda key: module.init(key, *inputs)["params"]
-    return sharding.abstract_state(init, mesh, rules, jax.random.key(0))
+def _abstract_params(init: Any, mesh, rules) -> Any:
+    """The params ``init(key)`` makes, as ``ShapeDtypeStruct``s carrying the shardings their
+    logical axis names give (as loading places pretrained params)."""
+    return sharding.abstract_state(init, mesh, rules, jax.random.key(0))[0]
 
 
 def _abstract_clip(config: ml_collections.ConfigDict) -> CLIPTextTransformer:
@@ -362,8 +445,10 @@ def _abstract_clip(config: ml_collections.ConfigDict) -> CLIPTextTransformer:
     )
 
 
-def _diffusion_step(config: ml_collections.ConfigDict, mesh, rules):
-    """Stage 2: (init_fn, step_fn, batch specs, frozen params, their shardings)."""
+def _diffusion_model(config: ml_collections.ConfigDict) -> LatentDiffusion:
+    """The stage-2 model of ``config``, with stand-ins for what is read from files: a word
+    tokenizer of ``PLACEHOLDER_VOCABULARY`` words and a CLIP text model of the configured
+    width."""
     dm = config.diffusion
     tokenizer = tokenizer_lib.build_word_tokenizer(
         f"word{i}" for i in range(PLACEHOLDER_VOCABULARY)
@@ -371,20 +456,18 @@ def _diffusion_step(config: ml_collections.ConfigDict, mesh, rules):
     clip = None
     if dm.conditioning == "text" and dm.text_encoder.kind == "clip":
         clip = _abstract_clip(config)
-    model = builders.build_model(config, tokenizer, latent_scale=1.0, text_encoder=clip)
-    images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
-    frozen, frozen_shardings = {}, {}
-    encoded = dm.encode_once or bool(config.data.latent_cache)
-    if not encoded:
-        frozen["autoencoder"], frozen_shardings["autoencoder"] = _abstract_params(
-            model.autoencoder, mesh, rules, images
-        )
-    if clip is not None:
-        tokens = jnp.zeros((1, config.data.max_caption_length), jnp.int32)
-        frozen["text_encoder"], frozen_shardings["text_encoder"] = _abstract_params(
-            clip, mesh, rules, tokens
-        )
-    init_fn, step_fn = diffusion_stage.stage_functions(config, model)
+    return builders.build_model(config, tokenizer, latent_scale=1.0, text_encoder=clip)
+
+
+def _abstract_autoencoder(config: ml_collections.ConfigDict, model: LatentDiffusion, mesh, rules):
+    """The autoencoder's params, abstract and sharded."""
+    size = config.data.image_size
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    return _abstract_params(lambda key: model.autoencoder.init(key, images)["params"], mesh, rules)
+
+
+def _diffusion_batch_specs(config: ml_collections.ConfigDict, keys: Sequence[str]) -> dict:
+    """``{key: (shape per example, dtype)}`` of a stage-2 or fine-tune batch's ``keys``."""
     size, latent = config.data.image_size, config_lib.latent_shape(config)
     specs = {
         "image": ((size, size, 3), jnp.uint8),
@@ -392,9 +475,47 @@ def _diffusion_step(config: ml_collections.ConfigDict, mesh, rules):
         "latent_std": (latent, jnp.float32),
         "tokens": ((config.data.max_caption_length,), jnp.int32),
         "label": ((), jnp.int32),
+        "loss_weight": ((), jnp.float32),
     }
-    keys = diffusion_stage.batch_keys(dm.conditioning, encoded)
-    return init_fn, step_fn, {k: specs[k] for k in keys}, frozen, frozen_shardings
+    return {k: specs[k] for k in keys}
+
+
+def _diffusion_step(config: ml_collections.ConfigDict, mesh, rules):
+    """Stage 2: (init_fn, step_fn, batch specs, frozen params, their shardings)."""
+    dm = config.diffusion
+    model = _diffusion_model(config)
+    frozen = {}
+    encoded = dm.encode_once or bool(config.data.latent_cache)
+    if not encoded:
+        frozen["autoencoder"] = _abstract_autoencoder(config, model, mesh, rules)
+    if model.conditioning == "text" and model.frozen_text_encoder:
+        tokens = jnp.zeros((1, config.data.max_caption_length), jnp.int32)
+        init = lambda key: model.text_encoder.init(key, tokens)["params"]
+        frozen["text_encoder"] = _abstract_params(init, mesh, rules)
+    init_fn, step_fn = diffusion_stage.stage_functions(config, model)
+    specs = _diffusion_batch_specs(config, diffusion_stage.batch_keys(dm.conditioning, encoded))
+    return init_fn, step_fn, specs, frozen, frozen_inputs.shardings_of(frozen)
+
+
+def _finetune_step(config: ml_collections.ConfigDict, mesh, rules):
+    """Fine-tuning (``config.finetune.method``): the trained part (LoRA adapters, or the U-Net
+    and any text encoder trained) in the state; the base model's params, abstract and sharded
+    as loading places them, the frozen inputs ``finetune.frozen_params`` picks, as training
+    passes them (the autoencoder too, which the step on encoded latents does not read)."""
+    model = _diffusion_model(config)
+    length = config.data.max_caption_length
+    base = _abstract_params(
+        lambda key: finetuned.model_params(key, model=model, max_caption_length=length),
+        mesh,
+        rules,
+    )
+    base["autoencoder"] = _abstract_autoencoder(config, model, mesh, rules)
+    frozen = finetune_stage.frozen_params(config, base, model)
+    init_fn, step_fn = finetune_stage.stage_functions(config, model)
+    # The batch of finetune.train: encoded latents, the condition and each record's loss weight.
+    keys = diffusion_stage.batch_keys(config.diffusion.conditioning, True) + ("loss_weight",)
+    specs = _diffusion_batch_specs(config, keys)
+    return init_fn, step_fn, specs, frozen, frozen_inputs.shardings_of(frozen)
 
 
 def _autoencoder_step(config: ml_collections.ConfigDict, mesh, rules):

@@ -157,3 +157,11 @@ def test_lora_finetune_step_compiles_with_only_the_adapters_trained():
     text = "\n".join(report.lines())
     assert f"trained parameters: {report.parameters:,}" in text
     assert "finetune (lora, rank 4" in text and "frozen params" in text
+
+
+@pytest.mark.slow
+def test_a_step_larger_than_the_chips_memory_is_one_clear_error():
+    config = load_config("quickstart", "tiny")
+    config.stage = "finetune"
+    with pytest.raises(ValueError, match=r"does not fit: finetune's step .*--per_chip_batch"):
+        compile_lib.compile_for_topology(config, "v5e:2x2", per_chip_batch=200_000)

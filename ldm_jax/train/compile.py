@@ -368,7 +368,17 @@ def compile_train_step(
         step_fn, shardings, mesh, extra_shardings, nonfinite=config.train.nonfinite
     )
     with jax.set_mesh(mesh):
-        compiled = jitted.lower(abstract, batch, key, extra).compile()
+        try:
+            compiled = jitted.lower(abstract, batch, key, extra).compile()
+        except jax.errors.JaxRuntimeError as error:
+            # libtpu refuses a program whose temporaries exceed the chip's HBM.
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            raise ValueError(
+                f"does not fit: {stage}'s step at {batch_size / shards:g} examples per chip "
+                f"({str(error).strip().splitlines()[0]}); lower --per_chip_batch or raise "
+                f"--config.{stage}.train.grad_accum_steps"
+            ) from None
     # jit drops the arguments the step does not read: their input sharding is None.
     read = jax.tree.leaves(compiled.input_shardings[0][3], is_leaf=lambda x: x is None)
     unread = [x for x, used in zip(jax.tree.leaves(extra), read, strict=True) if used is None]

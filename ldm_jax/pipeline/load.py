@@ -277,7 +277,7 @@ def load_finetuned_parts(
     """
     base_dir = finetuned.base_workdir(config)
     base = load_model(base_dir, finetuned.base_config(config))
-    _, rules = inference_mesh(config)
+    rules = mesh_lib.axis_rules_from_config(config.mesh.axis_rules)
     init = lambda key: finetuned.init_finetuned(key, config=config, model=base.model)  # noqa: E731
     abstract, _ = sharding.abstract_state(init, base.mesh, rules, jax.random.key(0))
     directory = workdir_lib.checkpoint_dir(workdir, workdir_lib.FINETUNE)

@@ -523,7 +523,7 @@ def _finetune_step(config: ml_collections.ConfigDict, mesh, rules):
     frozen = finetune_stage.frozen_params(config, base, model)
     init_fn, step_fn = finetune_stage.stage_functions(config, model)
     # The batch of finetune.train: encoded latents, the condition and each record's loss weight.
-    keys = diffusion_stage.batch_keys(config.diffusion.conditioning, True) + ("loss_weight",)
+    keys = finetune_stage.batch_keys(config)
     specs = _diffusion_batch_specs(config, keys)
     return init_fn, step_fn, specs, frozen, frozen_inputs.shardings_of(frozen)
 

@@ -80,6 +80,11 @@ def stage_functions(config: ml_collections.ConfigDict, model: Any) -> tuple[Call
     return init_fn, step_fn
 
 
+def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """What a fine-tune batch holds: encoded latents, the condition and each loss weight."""
+    return diffusion.batch_keys(config.diffusion.conditioning, True) + ("loss_weight",)
+
+
 def frozen_params(config: ml_collections.ConfigDict, base_params: dict, model: Any) -> dict:
     """The base params a step takes as frozen inputs (see ``stage_functions``): with LoRA,
     every part, the adapted ones in ``finetune.base_dtype``."""
@@ -195,7 +200,7 @@ def train(
     init_fn, step_fn = stage_functions(config, model)
     jax.eval_shape(init_fn, jax.random.key(0))  # bad LoRA targets fail before any encoding
     source = training_source(config, workdir, base, mesh)
-    keys = diffusion.batch_keys(config.diffusion.conditioning, True) + ("loss_weight",)
+    keys = batch_keys(config)
     data_iterator, batches = data_lib.make_batches(
         config.data,
         source,
